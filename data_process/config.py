@@ -1,0 +1,120 @@
+"""Stage configuration: one dataclass per stage, JSON defaults, CLI overrides.
+
+A task config (``configs/<task>.json``) holds the fields every stage shares at its top
+level (see :class:`CommonConfig`) and one section per stage, named after the stage's
+``STAGE`` key (``select_users``, ``rank_history``, ...).  Precedence, lowest first:
+dataclass defaults < top-level keys < the stage's section < CLI flags.  A key that the
+stage does not know is an error naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from transformers import HfArgumentParser
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+T = TypeVar("T")
+
+# Names of the per-stage sections a task config may hold.
+STAGE_SECTIONS = ("select_users", "rank_history", "collect_pairs", "extract_vectors",
+                  "generate", "evaluate", "sweep", "train_sasrec")
+
+
+@dataclass
+class CommonConfig:
+    """Fields shared by every stage (the top level of a task config)."""
+
+    task: str = field(default="lamp4", metadata={"help": "task: lamp4 | longlamp | pwab"})
+    run_dir: str = field(default="runs/lamp4", metadata={"help": "root directory of this experiment's artifacts"})
+    data_dir: str = field(default="", metadata={"help": "directory holding the raw benchmark files"})
+    model: str = field(default="models/smollm2-135m-instruct",
+                       metadata={"help": "local directory of the model that is steered"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"})
+    seed: int = field(default=42, metadata={"help": "random seed of every sampling step"})
+    overwrite: bool = field(default=False, metadata={"help": "redo a stage whose manifest exists"})
+    config: str = field(default="", metadata={"help": "task config JSON supplying defaults for every flag"})
+
+
+def suggest(name: str, options: list[str] | tuple[str, ...]) -> str:
+    """' Did you mean X?' for the closest option, or ''."""
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def choose(kind: str, name: str, registry: dict[str, T]) -> T:
+    """Pick a strategy by name, with a 'Did you mean' error for unknown names."""
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of {sorted(registry)}.{suggest(name, list(registry))}")
+    return registry[name]
+
+
+def config_defaults(path: str | Path, config_cls: type, section: str) -> dict[str, Any]:
+    """Read the defaults a task config gives stage ``section`` (validated)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a task config must be a JSON object")
+    common = {f.name for f in dataclasses.fields(CommonConfig)}
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    defaults: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key.startswith("_"):  # "_comment" keys document the file
+            continue
+        if key in STAGE_SECTIONS:
+            continue
+        if key not in common:
+            raise ValueError(f"{path}: unknown top-level key {key!r}.{suggest(key, sorted(common | set(STAGE_SECTIONS)))}"
+                             f" Top-level keys are {sorted(common)} and stage sections {list(STAGE_SECTIONS)}")
+        if key in known:
+            defaults[key] = value
+    stage_raw = raw.get(section, {})
+    if not isinstance(stage_raw, dict):
+        raise ValueError(f"{path}: section {section!r} must be a JSON object")
+    for key, value in stage_raw.items():
+        if key.startswith("_"):
+            continue
+        if key not in known:
+            raise ValueError(f"{path}: unknown key {key!r} in section {section!r}.{suggest(key, sorted(known))}")
+        defaults[key] = value
+    return defaults
+
+
+def parse_config(config_cls: type[T], section: str, argv: list[str] | None = None) -> T:
+    """Parse a stage config: dataclass defaults < ``--config`` JSON < CLI flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(config_cls)
+    config_path = _peek_config(argv)
+    if config_path:
+        parser.set_defaults(**config_defaults(config_path, config_cls, section))
+    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    return cfg
+
+
+def _peek_config(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return ""
+
+
+def stage_dir(run_dir: str | Path, name: str) -> Path:
+    """Where stage ``name`` keeps its artifacts inside a run directory."""
+    return Path(run_dir) / name

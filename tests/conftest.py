@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny random models with a tokenizer trained here, fully offline.
+
+``tiny_llama`` has a ChatML chat template; ``tiny_qwen2`` has none (exercises the
+plain-prompt fallback).  Both are saved to disk and loaded back with
+``from_pretrained``, the same code path the stages use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data" / "debian"
+REAL_MODEL = ROOT / "models" / "smollm2-135m-instruct"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+CORPUS = [
+    "Generate a headline for the following article: the quick brown fox jumps over the lazy dog.",
+    "Generate an abstract for the title \"steering vectors\". We study personalization of language models.",
+    "A library for parsing JSON files and a tool to convert images between formats.",
+    "Debian package maintainers write short descriptions and long descriptions of their software.",
+    "search_product_by_query get_recommendations_by_history add_product_review arguments name query",
+    "{\"name\": \"search\", \"arguments\": {\"query\": \"red shoes\"}} print(\"hello\") Headline: news",
+    "0123456789 user history item review rating title category product",
+] * 20
+
+
+def _train_tokenizer(path: Path, chat_template: str | None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(path)
+    return fast
+
+
+def _build(path: Path, kind: str, chat_template: str | None) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = _train_tokenizer(path, chat_template)
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    # Random init gives near-uniform logits; scaling the head makes greedy choices
+    # decisive so that token-level comparisons are meaningful.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory.mktemp("tiny_llama"), "llama", CHATML)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    from steering.model import load_model
+
+    return load_model(tiny_llama_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tiny_qwen2_dir):
+    from steering.model import load_model
+
+    return load_model(tiny_qwen2_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny_model(request):
+    """Both tiny models, one after the other: ``(model, tokenizer)``."""
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
+def needs_real_model():
+    return pytest.mark.skipif(not (REAL_MODEL / "config.json").exists(),
+                              reason="models/ not built (run scripts/setup.sh)")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="models/ not built (run scripts/setup.sh)")
+    for item in items:
+        if "real_model" in item.keywords and not (REAL_MODEL / "config.json").exists():
+            item.add_marker(skip)
