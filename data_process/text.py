@@ -1,0 +1,46 @@
+"""The one text tokenizer and BM25 helper used for every lexical ranking in Fints
+(history ranking, pair retrieval, user clustering, product search).
+
+Tokenizer: lowercase, then split on anything that is not a letter or digit
+(punctuation and whitespace separate tokens; ``"Don't-stop!"`` -> ``["don", "t", "stop"]``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from rank_bm25 import BM25Okapi
+
+_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+def tokenize(text: str) -> list[str]:
+    """Lowercase and split on punctuation/whitespace."""
+    return _WORD.findall(text.lower())
+
+
+class BM25:
+    """BM25Okapi over a fixed list of documents, built once, queried many times.
+
+    An empty corpus or an all-empty document list still answers (with zeros), so a
+    user with one blank history item never crashes a stage.
+    """
+
+    def __init__(self, documents: list[str]):
+        self.size = len(documents)
+        tokens = [tokenize(d) for d in documents]
+        # rank_bm25 divides by the average document length: guard all-empty corpora.
+        self._bm25 = BM25Okapi(tokens) if any(tokens) else None
+
+    def scores(self, query: str) -> np.ndarray:
+        """BM25 score of every document for ``query`` (float64, corpus order)."""
+        if self._bm25 is None or self.size == 0:
+            return np.zeros(self.size)
+        return np.asarray(self._bm25.get_scores(tokenize(query)), dtype=np.float64)
+
+    def top_k(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices and scores of the ``k`` best documents; ties keep corpus order."""
+        scores = self.scores(query)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return order, scores[order]
