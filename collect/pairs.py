@@ -1,0 +1,225 @@
+"""Stage 03 library: contrast pairs (gold output vs. the model's output without the user).
+
+For every training sample, ``num_neg_per_user`` tries prompt the model with ``k``
+history items of OTHER users (``rag="others"``, seeded per sample) or with the user's
+own ranked history (``rag="history"``); a try whose answer has ROUGE-L F1 below the
+task threshold against the gold becomes a pair's ``rejected`` side, the gold its
+``chosen`` side.  A pair's ``prompt`` is the question without any history.
+
+Resume: :class:`PairWriter` appends pairs to ``pairs.jsonl`` and, after a sample's
+last pair, one line to ``progress.jsonl`` (the sample's done-marker with its counts, so
+samples that kept no pair are not redone).  On reopening, pairs of samples without a
+marker (a kill between the two writes) are removed, so a resumed run has neither
+duplicates nor gaps.  The generator is injected, so tests use a fake one.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from data_process.artifacts import JsonlWriter, read_jsonl, write_jsonl
+from data_process.config import CommonConfig, choose
+from data_process.prompts import DEFAULT_MAX_PROMPT_TOKENS, build_prompt, postprocess
+from eval.metrics import rouge_l
+
+# ROUGE-L F1 under which a try counts as "not the user's answer" (task defaults).
+THRESHOLDS = {"lamp4": 0.15, "longlamp": 0.2}
+MAX_NEW_TOKENS = {"lamp4": 32, "longlamp": 200, "pwab": 128}
+RAG_MODES = ("others", "history")
+SCORE_CUTS = (0.15, 0.2, 0.3, 0.4, 0.5)
+
+
+@dataclass
+class CollectPairsConfig(CommonConfig):
+    """Stage 03 settings (config section ``collect_pairs``)."""
+
+    collect_model: str = field(default="", metadata={"help": "model that writes the negatives (local dir); empty = `model`"})
+    num_neg_per_user: int = field(default=2, metadata={"help": "generation tries per training sample (each may become one pair)"})
+    k: int = field(default=5, metadata={"help": "history items in each try's prompt"})
+    rag: str = field(default="others", metadata={"help": "history of a try: others (random samples of other users) | history (the user's own ranked history)"})
+    threshold: float | None = field(default=None, metadata={"help": "keep a try when its ROUGE-L F1 vs the gold is below this (default: lamp4 0.15, longlamp 0.2)"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "generation length (default: lamp4 32, longlamp 200, pwab 128)"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per generation batch"})
+    samples_per_chunk: int = field(default=64, metadata={"help": "samples whose tries are generated together (the resume granularity)"})
+    max_prompt_tokens: int = field(default=DEFAULT_MAX_PROMPT_TOKENS, metadata={"help": "token budget of a prompt; history is shortened/dropped to fit"})
+    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with --do_sample)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (with --do_sample)"})
+    max_samples: int = field(default=0, metadata={"help": "collect for the first N training samples only (0 = all; for quick runs)"})
+    search_threshold: float = field(default=0.65, metadata={"help": "PersonalWAB: a search query whose similarity to the gold query is below this is a negative"})
+    recommend_in_list: bool = field(default=True, metadata={"help": "PersonalWAB: a recommendation counts as correct when the target is in the returned list"})
+    review_threshold: float = field(default=0.51, metadata={"help": "PersonalWAB: a review whose similarity to the gold review is below this is a negative"})
+    positive_k: int = field(default=5, metadata={"help": "PersonalWAB: history items in the prompt that collects positives"})
+
+    def resolved_threshold(self) -> float:
+        if self.threshold is not None:
+            return self.threshold
+        if self.task not in THRESHOLDS:
+            raise ValueError(f"no default ROUGE-L threshold for task {self.task!r}; pass --threshold")
+        return THRESHOLDS[self.task]
+
+    def resolved_max_new_tokens(self) -> int:
+        return self.max_new_tokens or MAX_NEW_TOKENS.get(self.task, 64)
+
+
+class PairWriter:
+    """``pairs.jsonl`` plus ``progress.jsonl`` done-markers, resumable per sample.
+
+    ``write(record)`` appends one pair; ``mark_done(sample_id, **counts)`` closes a
+    sample.  ``done_ids`` / ``existing`` hold what earlier runs finished.
+    """
+
+    def __init__(self, out_dir: str | Path):
+        out_dir = Path(out_dir)
+        self.pairs_path, self.progress_path = out_dir / "pairs.jsonl", out_dir / "progress.jsonl"
+        self.progress = JsonlWriter(self.progress_path)
+        self.done_ids = {r["sample_id"] for r in self.progress.existing}
+        if self.pairs_path.exists():
+            kept = [r for r in read_jsonl(self.pairs_path) if r.get("sample_id") in self.done_ids]
+            write_jsonl(self.pairs_path, kept)  # drops pairs of a sample cut off mid-way
+        self.pairs = JsonlWriter(self.pairs_path)
+        self.existing = self.pairs.existing
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.pairs.write(record)
+
+    def mark_done(self, sample_id: str, **counts: Any) -> None:
+        self.progress.write({"sample_id": sample_id, **counts})
+        self.done_ids.add(sample_id)
+
+    def close(self) -> None:
+        self.pairs.close()
+        self.progress.close()
+
+
+def other_users_pools(samples: list[dict], other_samples: list[dict]) -> dict[str, list[dict]]:
+    """For each user in ``samples``: the items of ``other_samples`` written by other users.
+
+    An item whose id is one of the user's own samples or history items is left out too,
+    in case two users share an item.
+    """
+    unique = list({s["id"]: s for s in other_samples}.values())
+    own: dict[str, set[str]] = defaultdict(set)
+    for s in samples + unique:
+        own[s["user_id"]].add(s["id"])
+        own[s["user_id"]].update(h["id"] for h in s.get("history", []))
+    users = {s["user_id"] for s in samples}
+    return {u: [s for s in unique if s["user_id"] != u and s["id"] not in own[u]] for u in users}
+
+
+def try_histories(sample: dict, pool: list[dict], *, k: int, tries: int, rag: str, seed: int) -> list[list[dict]]:
+    """The history of each try of ``sample``, seeded by (seed, sample id) alone."""
+    rng = random.Random(f"{seed}:{sample['id']}")  # str seeds are stable across runs
+    if rag == "others":
+        return [rng.sample(pool, min(k, len(pool))) for _ in range(tries)]
+    if rag != "history":
+        raise ValueError(f"unknown rag mode {rag!r}; choose one of {list(RAG_MODES)}")
+    own = [h for h in sample["history"] if h["id"] != sample["id"]]
+    # Try 0 is the top-k ranked items; later tries draw k at random so that greedy
+    # decoding does not just repeat the first answer.
+    return [own[:k]] + [rng.sample(own, min(k, len(own))) for _ in range(tries - 1)]
+
+
+@dataclass
+class PairSettings:
+    """What :func:`collect_pairs` needs from the stage config."""
+
+    task: str
+    k: int = 5
+    tries: int = 2
+    rag: str = "others"
+    threshold: float = 0.15
+    seed: int = 42
+    samples_per_chunk: int = 64
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+
+    @classmethod
+    def from_config(cls, cfg: CollectPairsConfig) -> PairSettings:
+        return cls(task=cfg.task, k=cfg.k, tries=cfg.num_neg_per_user, rag=cfg.rag,
+                   threshold=cfg.resolved_threshold(), seed=cfg.seed,
+                   samples_per_chunk=cfg.samples_per_chunk, max_prompt_tokens=cfg.max_prompt_tokens)
+
+
+def _judge(sample: dict, answers: list[str], s: PairSettings, prompt: str) -> tuple[list[dict], dict]:
+    """Pairs kept from one sample's answers, the kept/dropped counts and the distinct tries' scores."""
+    counts: Counter = Counter(tries=len(answers))
+    records, seen, scores = [], set(), []
+    for t, answer in enumerate(answers):
+        answer = postprocess(s.task, answer).strip()
+        if not answer:
+            counts["dropped_empty"] += 1
+            continue
+        if answer in seen:
+            counts["dropped_duplicate"] += 1  # the same negative twice adds nothing
+            continue
+        seen.add(answer)
+        score = rouge_l(answer, sample["output"])
+        scores.append(round(score, 4))
+        if score >= s.threshold:
+            counts["dropped_similar"] += 1
+            continue
+        counts["kept"] += 1
+        records.append({"pair_id": f"{sample['id']}-n{t}", "user_id": sample["user_id"],
+                        "sample_id": sample["id"], "prompt": prompt, "chosen": sample["output"],
+                        "rejected": answer, "rouge_l": round(score, 4)})
+    return records, {**counts, "scores": scores}
+
+
+def collect_pairs(samples: list[dict], other_samples: list[dict], generator: Callable[[list[str]], list[str]],
+                  settings: PairSettings, writer: PairWriter, tokenizer=None) -> dict[str, Any]:
+    """Collect pairs for the samples ``writer`` has not finished; return the run summary.
+
+    ``generator`` maps user messages to answers (in order), e.g. a partial of
+    :func:`collect.generation.generate`.  All tries of ``samples_per_chunk`` samples go
+    to it in one call, so it can batch across samples.
+    """
+    choose("rag mode", settings.rag, dict.fromkeys(RAG_MODES))
+    pools = other_users_pools(samples, other_samples) if settings.rag == "others" else {}
+    todo = [s for s in samples if s["id"] not in writer.done_ids]
+    bar = tqdm(total=len(todo), desc="collect pairs", unit="sample")
+    for start in range(0, len(todo), settings.samples_per_chunk):
+        chunk = todo[start:start + settings.samples_per_chunk]
+        messages = []
+        for sample in chunk:
+            for history in try_histories(sample, pools.get(sample["user_id"], []), k=settings.k,
+                                         tries=settings.tries, rag=settings.rag, seed=settings.seed):
+                messages.append(build_prompt(settings.task, sample, history, tokenizer, settings.max_prompt_tokens))
+        answers = generator(messages)
+        if len(answers) != len(messages):
+            raise RuntimeError(f"generator returned {len(answers)} answers for {len(messages)} prompts")
+        for j, sample in enumerate(chunk):
+            prompt = build_prompt(settings.task, sample, [], tokenizer, settings.max_prompt_tokens)
+            tries = answers[j * settings.tries:(j + 1) * settings.tries]
+            records, counts = _judge(sample, tries, settings, prompt)
+            for record in records:
+                writer.write(record)
+            writer.mark_done(sample["id"], user_id=sample["user_id"], **counts)
+            bar.update(1)
+    bar.close()
+    return summarize(read_jsonl(writer.progress_path), {s["user_id"] for s in samples})
+
+
+def summarize(progress: list[dict], users: set[str]) -> dict[str, Any]:
+    """Kept/dropped counts per user and overall, from the done-markers of every run."""
+    keys = ("tries", "kept", "dropped_similar", "dropped_empty", "dropped_duplicate")
+    per_user = {u: dict.fromkeys(("samples",) + keys, 0) for u in sorted(users)}
+    for marker in progress:
+        row = per_user.setdefault(marker["user_id"], dict.fromkeys(("samples",) + keys, 0))
+        row["samples"] += 1
+        for key in keys:
+            row[key] += int(marker.get(key, 0))
+    totals = {key: sum(row[key] for row in per_user.values()) for key in ("samples",) + keys}
+    empty = sorted(u for u, row in per_user.items() if row["kept"] == 0)
+    scores = sorted(x for marker in progress for x in marker.get("scores", []))
+    # How many distinct tries other thresholds would keep: helps tune --threshold per dataset.
+    below = {str(t): sum(x < t for x in scores) for t in SCORE_CUTS}
+    quantiles = {f"p{q}": scores[min(len(scores) - 1, len(scores) * q // 100)] for q in (10, 25, 50, 75, 90)} if scores else {}
+    return {"totals": totals, "per_user": per_user, "users_without_pairs": empty,
+            "rouge_l": {"quantiles": quantiles, "kept_below": below}}

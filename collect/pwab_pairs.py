@@ -1,0 +1,163 @@
+"""PersonalWAB contrast pairs: the model's successful tool calls vs. its unsuccessful ones.
+
+For each training sample (``03_collect_pairs`` with task ``pwab``):
+
+1. **Positive.**  Review tasks: the gold review, as an ``add_product_review`` call.
+   Search / recommend tasks: the model's call given the user's own top ``positive_k``
+   ranked history, kept when it names the right function and its result is good: a
+   search score (``1 - rank/len``) above ``search_threshold``, the target in the
+   recommended list (``recommend_in_list``; else the search threshold applies too).
+   A sample without a positive gives no pair.
+2. **Negatives.**  ``num_neg_per_user`` tries with the histories (top ``k``) of random
+   other users (seeded per sample); a try is kept when it names the wrong function or
+   its score is under the type's threshold (review: similarity under
+   ``review_threshold``).  Unparseable tries are dropped (``dropped_empty``), so chosen
+   and rejected are always canonical JSON calls of the same shape; a try identical to
+   the positive or to an earlier try is ``dropped_duplicate``.
+
+Pairs: ``{pair_id, user_id, sample_id, prompt, chosen, rejected, rouge_l, score,
+rejected_score}`` with ``prompt`` = the request without history; ``score`` is the
+positive's result score.  Generation, environment and encoder are injectable (tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from collect.pairs import other_users_pools, summarize
+from data_process.artifacts import read_jsonl
+from data_process.pwab import TYPES, ToolCall, build_pwab_prompt, format_tool_call, parse_tool_call
+from eval.metrics import rouge_l
+from eval.pwab_eval import score_calls, target_review
+
+
+def _good(cfg, kind: str, score: float) -> bool:
+    """Whether a right-function call's result score makes it a success."""
+    if kind == "review":
+        return score > cfg.review_threshold
+    if kind == "recommend" and getattr(cfg, "recommend_in_list", True):
+        return score > 0.0
+    return score > cfg.search_threshold
+
+
+def _judged(cfg, samples: list[dict], texts: list[str], env, encoder, failures: Counter
+            ) -> list[tuple[ToolCall | None, bool, float]]:
+    """(call, success, result score) of each generated text for its sample."""
+    calls = [parse_tool_call(t, failures) for t in texts]
+    scores = score_calls(calls, [s["type"] for s in samples], [s["target"] for s in samples], env, encoder)
+    return [(c, bool(f) and _good(cfg, s["type"], a), a) for c, s, (f, a) in zip(calls, samples, scores)]
+
+
+def _positives(cfg, chunk, generate, env, encoder, tok, failures) -> dict[str, tuple[str, float]]:
+    """sample id -> (canonical positive call, its score)."""
+    out: dict[str, tuple[str, float]] = {}
+    asked = []
+    for s in chunk:
+        if s["type"] == "review":
+            review = target_review(s["target"]) or ""
+            out[s["id"]] = (format_tool_call(ToolCall(TYPES["review"], {"review": review})), 1.0)
+        else:
+            asked.append(s)
+    if asked:
+        prompts = [build_pwab_prompt(s, s["history"][:cfg.positive_k], tok, cfg.max_prompt_tokens) for s in asked]
+        for s, (call, ok, score) in zip(asked, _judged(cfg, asked, generate(prompts), env, encoder, failures)):
+            if ok:
+                out[s["id"]] = (format_tool_call(call), score)
+    return out
+
+
+def _other_histories(sample: dict, pool: list[dict], k: int, tries: int, seed: int) -> list[list[dict]]:
+    """History of each negative try: the top-k history of a random other user's sample."""
+    rng = random.Random(f"{seed}:pwab:{sample['id']}")  # str seeds are stable across runs
+    donors = [s for s in pool if s.get("history")]
+    return [rng.choice(donors)["history"][:k] if donors else [] for _ in range(tries)]
+
+
+def collect_pwab_pairs(cfg, samples: list[dict], other_samples: list[dict], model, tok, writer,
+                       done_sample_ids: set[str], *, generate_fn: Callable[[list[str]], list[str]] | None = None,
+                       env=None, encoder=None) -> dict[str, Any]:
+    """Collect PersonalWAB pairs for samples not in ``done_sample_ids``; return the summary.
+
+    ``cfg`` is the ``collect_pairs`` config (positive_k, k, num_neg_per_user,
+    search_threshold, review_threshold, recommend_in_list, max_prompt_tokens,
+    samples_per_chunk, seed, run_dir, data_dir, generation settings).  ``writer`` has
+    ``write(record)`` and ``mark_done(sample_id, **counts)`` (:class:`collect.pairs.PairWriter`).
+    """
+    if generate_fn is None:
+        from collect.generation import generate
+
+        generate_fn = functools.partial(
+            generate, model, tok, max_new_tokens=cfg.resolved_max_new_tokens(), batch_size=cfg.batch_size,
+            do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+            form="raw", desc="pwab calls")  # parse_tool_call finds the call itself (a "json"
+        # clean-up keeps only the first JSON object, which may be an echoed schema, not the call)
+    if env is None:
+        from eval.pwab_env import PwabEnv, default_cache_dir
+
+        env = PwabEnv(cfg.data_dir, default_cache_dir(cfg.run_dir))
+    pools = other_users_pools(samples, other_samples)
+    todo = [s for s in samples if s["id"] not in done_sample_ids]
+    failures: Counter = Counter()
+    markers, positives_by_type = [], Counter()
+    bar = tqdm(total=len(todo), desc="pwab pairs", unit="sample")
+    for start in range(0, len(todo), cfg.samples_per_chunk):
+        chunk = todo[start:start + cfg.samples_per_chunk]
+        positives = _positives(cfg, chunk, generate_fn, env, encoder, tok, failures)
+        positives_by_type.update(s["type"] for s in chunk if s["id"] in positives)
+        asked = [s for s in chunk if s["id"] in positives]
+        tries = [(s, h) for s in asked for h in _other_histories(
+            s, pools.get(s["user_id"], []), cfg.k, cfg.num_neg_per_user, cfg.seed)]
+        texts = generate_fn([build_pwab_prompt(s, h, tok, cfg.max_prompt_tokens) for s, h in tries]) if tries else []
+        judged = _judged(cfg, [s for s, _ in tries], texts, env, encoder, failures)
+        by_sample: dict[str, list] = {}
+        for (s, _), verdict in zip(tries, judged):
+            by_sample.setdefault(s["id"], []).append(verdict)
+        for s in chunk:
+            counts = _write_pairs(cfg, s, positives.get(s["id"]), by_sample.get(s["id"], []), writer, tok)
+            marker = {"user_id": s["user_id"], "type": s["type"], "positive": s["id"] in positives, **counts}
+            writer.mark_done(s["id"], **marker)
+            markers.append({"sample_id": s["id"], **marker})
+            bar.update(1)
+    bar.close()
+    progress = getattr(writer, "progress_path", None)
+    if progress is not None and Path(progress).exists():
+        markers = read_jsonl(progress)  # earlier (resumed) runs count too
+    summary = summarize(markers, {s["user_id"] for s in samples})
+    summary["pwab"] = {"positives": sum(1 for m in markers if m.get("positive")),
+                       "positives_by_type_this_run": dict(positives_by_type),
+                       "parse_failures": dict(failures)}
+    return summary
+
+
+def _write_pairs(cfg, sample: dict, positive: tuple[str, float] | None, verdicts: list, writer, tok) -> dict:
+    counts: Counter = Counter(tries=len(verdicts))
+    if positive is None:
+        return dict(counts)
+    chosen, chosen_score = positive
+    prompt = build_pwab_prompt(sample, [], tok, cfg.max_prompt_tokens)
+    seen = {chosen}
+    for t, (call, success, score) in enumerate(verdicts):
+        if call is None:
+            counts["dropped_empty"] += 1
+            continue
+        rejected = format_tool_call(call)
+        if rejected in seen:
+            counts["dropped_duplicate"] += 1
+            continue
+        seen.add(rejected)
+        if success:
+            counts["dropped_similar"] += 1  # other users' history still gave a good call
+            continue
+        counts["kept"] += 1
+        writer.write({"pair_id": f"{sample['id']}-n{t}", "user_id": sample["user_id"], "sample_id": sample["id"],
+                      "prompt": prompt, "chosen": chosen, "rejected": rejected,
+                      "rouge_l": round(rouge_l(rejected, chosen), 4), "score": round(chosen_score, 4),
+                      "rejected_score": round(score, 4)})
+    return dict(counts)

@@ -1,0 +1,381 @@
+"""PersonalWAB: loader, function-calling prompt and tool-call parsing.
+
+Raw files (one directory): ``user_instructions.json`` (``{train: [...], test: [...]}`` of
+``{user_id, task, type, timestamp, target: {product_info, review}}``),
+``user_history_part_*.json`` (``{user_id: [{product_info, review, split}]}``),
+``all_products_part_*.json`` (``{asin: product_info}``, read by :mod:`eval.pwab_env`) and
+``user_profiles.json`` (optional here).
+
+A sample's ``input`` is the user's instruction, its ``output`` the *gold call*, a JSON
+string ``{"name": ..., "arguments": {...}}``: the right function with
+
+* search -- ``{"query": <target product title>}``.  The benchmark holds no gold query, so
+  the title stands in for an oracle query (BM25 over the catalogue ranks it first);
+* recommend -- ``{"product_sequence": <the user's last 30 asins before the task>}``;
+* review -- ``{"review": <the user's real review text>}``.
+
+History of a task = the user's behaviours whose review timestamp is strictly before the
+task's, in time order, never including the target of any test task (test gold).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_process.artifacts import read_json
+from data_process.loaders import Benchmark, ErrorLog
+from data_process.schema import make_sample
+
+TYPES = {"search": "search_product_by_query", "recommend": "get_recommendations_by_history",
+         "review": "add_product_review"}
+MAX_SEQUENCE = 30  # longest product_sequence the recommender reads
+DEFAULT_MAX_PROMPT_TOKENS = 1024
+
+# name -> (description, argument name, JSON schema of that argument, example value)
+TOOLS: dict[str, tuple[str, str, dict[str, Any], Any]] = {
+    "search_product_by_query": (
+        "search the product catalogue with a text query; returns the top 10 products",
+        "query", {"type": "string"}, "wireless earbuds with long battery life"),
+    "get_recommendations_by_history": (
+        "recommend products that follow a sequence of product asins the user bought "
+        f"(time order, most recent last, at most {MAX_SEQUENCE})",
+        "product_sequence", {"type": "array", "items": {"type": "string"}}, ["B0EXAMPLE1", "B0EXAMPLE2"]),
+    "add_product_review": (
+        "post the user's review of the product they bought", "review", {"type": "string"},
+        "Sturdy and easy to use. Worth the price."),
+}
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _check_behaviour(b: Any, where: str, *, need_review: bool = True) -> str | None:
+    """Problem with one ``{product_info, review}`` record, or None when it is fine."""
+    if not isinstance(b, dict):
+        return f"{where}: expected an object, got {type(b).__name__}"
+    info = b.get("product_info")
+    if not isinstance(info, dict):
+        return f"{where}: field 'product_info' missing or not an object"
+    if not isinstance(info.get("parent_asin"), str) or not info["parent_asin"]:
+        return f"{where}: field 'product_info.parent_asin' missing or not a string"
+    if not isinstance(info.get("title"), str):
+        return f"{where}: field 'product_info.title' missing or not a string"
+    review = b.get("review")
+    if not need_review and review is None:
+        return None
+    if not isinstance(review, dict):
+        return f"{where}: field 'review' missing or not an object"
+    if not isinstance(review.get("text"), str):
+        return f"{where}: field 'review.text' missing or not a string"
+    if _num(review.get("timestamp")) is None:
+        return f"{where}: field 'review.timestamp' missing or not a number"
+    return None
+
+
+def product_text(info: dict[str, Any]) -> str:
+    """Searchable text of a product: title, features, description, categories, store."""
+    parts: list[str] = [str(info.get("title") or "")]
+    for key in ("features", "description", "categories"):
+        value = info.get(key) or []
+        parts.extend(str(v) for v in (value if isinstance(value, list) else [value]))
+    parts.append(str(info.get("store") or ""))
+    return " ".join(p for p in parts if p.strip())
+
+
+def history_item(b: dict[str, Any]) -> dict[str, Any]:
+    """One behaviour as a schema history item (id = asin@timestamp: a user may rebuy)."""
+    info, review = b["product_info"], b["review"]
+    ts = int(review["timestamp"])
+    return {"id": f"{info['parent_asin']}@{ts}", "input": product_text(info), "output": review["text"],
+            "asin": info["parent_asin"], "title": info["title"],
+            "category": info.get("main_category") or "", "rating": _num(review.get("rating")),
+            "timestamp": ts}
+
+
+def numbered_parts(data_dir: Path, prefix: str) -> list[Path]:
+    def number(p: Path) -> int:
+        found = re.search(r"(\d+)\.json$", p.name)
+        return int(found.group(1)) if found else 0
+    return sorted(data_dir.glob(f"{prefix}_part_*.json"), key=number)
+
+
+def _load_histories(data_dir: Path, errors: ErrorLog) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """Each user's history items in time order, and the raw behaviour of every item id."""
+    parts = numbered_parts(data_dir, "user_history")
+    if not parts:
+        raise FileNotFoundError(f"{data_dir}: no user_history_part_*.json files")
+    histories: dict[str, list[dict[str, Any]]] = {}
+    raw_items: dict[str, dict[str, Any]] = {}
+    for path in parts:
+        raw = read_json(path)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected an object {{user_id: [behaviours]}}")
+        for uid, behaviours in raw.items():
+            if not isinstance(behaviours, list):
+                errors.report(f"{path}: user {uid!r}: expected a list of behaviours")
+                continue
+            for j, b in enumerate(behaviours):
+                problem = _check_behaviour(b, f"{path}: user {uid!r} behaviour {j}")
+                if problem:
+                    errors.report(problem)
+                    continue
+                item = history_item(b)
+                histories.setdefault(str(uid), []).append(item)
+                raw_items[f"{uid}/{item['id']}"] = b
+    for items in histories.values():
+        items.sort(key=lambda h: h["timestamp"])  # stable: file order breaks ties
+    return histories, raw_items
+
+
+def _target_id(t: dict[str, Any]) -> str | None:
+    review = t["target"].get("review")
+    if not isinstance(review, dict) or _num(review.get("timestamp")) is None:
+        return None
+    return f"{t['target']['product_info']['parent_asin']}@{int(review['timestamp'])}"
+
+
+def user_sequences(data_dir: str | Path, on_error: str = "stop") -> dict[str, list[str]]:
+    """Each user's purchased asins in time order (what SASRec trains on)."""
+    errors = ErrorLog(on_error, data_dir)
+    histories, _ = _load_histories(Path(data_dir), errors)
+    errors.check()
+    return {uid: [h["asin"] for h in items] for uid, items in histories.items()}
+
+
+def _check_task(t: Any, where: str) -> str | None:
+    if not isinstance(t, dict):
+        return f"{where}: expected an object, got {type(t).__name__}"
+    for key in ("user_id", "task"):
+        if not isinstance(t.get(key), str) or not t[key].strip():
+            return f"{where}: field {key!r} missing or not a non-empty string"
+    if t.get("type") not in TYPES:
+        return f"{where}: field 'type' must be one of {sorted(TYPES)}, got {t.get('type')!r}"
+    if _num(t.get("timestamp")) is None:
+        return f"{where}: field 'timestamp' missing or not a number"
+    return _check_behaviour(t.get("target"), f"{where}: target", need_review=t["type"] != "review")
+
+
+def gold_call(kind: str, target: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    """The gold JSON call of a task (see the module docstring for what gold means)."""
+    if kind == "search":
+        args: dict[str, Any] = {"query": target["product_info"]["title"]}
+    elif kind == "recommend":
+        args = {"product_sequence": [h["asin"] for h in history][-MAX_SEQUENCE:]}
+    else:
+        args = {"review": target["review"]["text"]}
+    return format_tool_call(ToolCall(TYPES[kind], args))
+
+
+def load_pwab(data_dir: str | Path, *, include_history_samples: bool = False,
+              on_error: str = "stop") -> Benchmark:
+    """Load PersonalWAB into train/test samples (see the module docstring).
+
+    ``include_history_samples`` also turns each of a user's behaviours that is no task
+    target into a training *review* sample (the behaviour's real review is the gold).
+    """
+    data_dir = Path(data_dir)
+    path = data_dir / "user_instructions.json"
+    errors = ErrorLog(on_error, data_dir)
+    raw = read_json(path)
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(s), list) for s in ("train", "test")):
+        raise ValueError(f"{path}: expected an object with lists 'train' and 'test'")
+    histories, raw_items = _load_histories(data_dir, errors)
+    tasks: dict[str, list[tuple[str, dict[str, Any]]]] = {"train": [], "test": []}
+    for split in ("train", "test"):
+        for i, t in enumerate(raw[split]):
+            where = f"{path}: {split}[{i}]"
+            problem = _check_task(t, where)
+            if problem is None and t["user_id"] not in histories:
+                problem = f"{where}: user {t['user_id']!r} has no behaviours in user_history_part_*.json"
+            if problem:
+                errors.report(problem)
+                continue
+            tasks[split].append((f"{split}-{i}", t))
+    errors.check()
+    test_gold = {(t["user_id"], _target_id(t)) for _, t in tasks["test"]}
+
+    def history_before(uid: str, ts: float, own: str | None = None) -> list[dict[str, Any]]:
+        return [h for h in histories[uid]
+                if h["timestamp"] < ts and h["id"] != own and (uid, h["id"]) not in test_gold]
+
+    out: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
+    for split, items in tasks.items():
+        for sid, t in items:
+            history = history_before(t["user_id"], t["timestamp"], _target_id(t))
+            out[split].append(make_sample(sid, t["user_id"], t["task"], gold_call(t["type"], t["target"], history),
+                                          history, type=t["type"], timestamp=t["timestamp"], target=t["target"]))
+    if include_history_samples:
+        used = {(t["user_id"], _target_id(t)) for items in tasks.values() for _, t in items}
+        out["train"] += _history_samples(histories, raw_items, used, history_before)
+    return Benchmark(out["train"], out["test"], errors.errors)
+
+
+def _history_samples(histories, raw_items, used, history_before) -> list[dict[str, Any]]:
+    """Review samples from behaviours that are no task's target (their real review is gold)."""
+    samples = []
+    for uid, items in histories.items():
+        for h in items:
+            if (uid, h["id"]) in used:
+                continue
+            b = raw_items[f"{uid}/{h['id']}"]
+            target = {"product_info": b["product_info"], "review": b["review"]}
+            history = history_before(uid, h["timestamp"])
+            samples.append(make_sample(f"hist-{uid}-{h['id']}", uid, "Please write a review of this product for me.",
+                                       gold_call("review", target, history), history, type="review",
+                                       timestamp=h["timestamp"], target=target, source="history"))
+    return samples
+
+
+# ----------------------------------------------------------------------------- prompt
+
+def _tools_text() -> str:
+    # A concrete example call per tool: small models copy a template's "{...}" literally.
+    lines = []
+    for i, (name, (desc, arg, schema, example)) in enumerate(TOOLS.items(), 1):
+        lines.append(f"{i}. {name}: {desc}. Arguments: {json.dumps({arg: schema})}\n"
+                     f"   Example: {format_tool_call(ToolCall(name, {arg: example}))}")
+    return "\n".join(lines)
+
+
+def _item_line(n: int, h: dict[str, Any], review_words: int) -> str:
+    words = str(h.get("output", "")).split()
+    review = " ".join(words[:review_words]) + (" ..." if len(words) > review_words else "")
+    rating = h.get("rating")
+    rated = f" | rated {rating:g}/5" if isinstance(rating, (int, float)) else ""
+    category = f" | {h['category']}" if h.get("category") else ""
+    title = h.get("title") or str(h.get("input", ""))[:80]
+    return f'[{n}] {h.get("asin", h.get("id", ""))} | {title}{category}{rated} | review: "{review}"'
+
+
+def _render(sample: dict[str, Any], lines: list[str]) -> str:
+    parts = ["You are a personalized shopping assistant. Fulfil the user's request by calling "
+             "exactly one of these tools:", _tools_text(), ""]
+    if lines:
+        parts += ["The user's past purchases and reviews (asin | title | category | rating | review):",
+                  *lines, ""]
+    parts.append(f"User request: {sample['input']}")
+    target = sample.get("target") or {}
+    if sample.get("type") == "review" and isinstance(target.get("product_info"), dict):
+        info = target["product_info"]
+        parts.append(f"Product to review: {info.get('title', '')} ({info.get('main_category') or ''})")
+    parts.append("Answer with one JSON tool call only, like the examples above, with arguments for this request.")
+    return "\n".join(parts)
+
+
+def build_pwab_prompt(sample: dict[str, Any], history: list[dict[str, Any]], tokenizer=None,
+                      max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, review_words: int = 40) -> str:
+    """Function-calling user message: the three tools, history (most relevant first), request.
+
+    Each history item shows asin, title, category, rating and the (shortened) review.  To
+    fit ``max_prompt_tokens`` (counted with ``tokenizer``, else whitespace words) the least
+    relevant items are dropped first; the tools and request are never cut.
+    """
+    if not isinstance(sample.get("input"), str):
+        raise ValueError(f"sample {sample.get('id', '?')!r}: missing field 'input'")
+    count = (lambda s: len(s.split())) if tokenizer is None else \
+        (lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"]))
+    lines = [_item_line(n, h, review_words) for n, h in enumerate(history, 1)]
+    prompt = _render(sample, lines)
+    while lines and count(prompt) > max_prompt_tokens:
+        lines.pop()
+        prompt = _render(sample, lines)
+    return prompt
+
+
+# ----------------------------------------------------------------------------- parsing
+
+@dataclass
+class ToolCall:
+    """One parsed tool call."""
+
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+# Why each unparseable generation failed, counted over the process (see reset_failures).
+PARSE_FAILURES: Counter = Counter()
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def reset_failures() -> None:
+    PARSE_FAILURES.clear()
+
+
+def _json_objects(text: str):
+    decoder = json.JSONDecoder()
+    for candidate in [m.group(1) for m in _FENCE.finditer(text)] + [text]:
+        for m in re.finditer(r"\{", candidate):
+            try:
+                obj, _ = decoder.raw_decode(candidate, m.start())
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                yield obj
+
+
+def _as_call(obj: dict[str, Any]) -> tuple[ToolCall | None, str]:
+    if isinstance(obj.get("tool_call"), dict):  # {"tool_call": {...}} wrapper of some prompts
+        obj = obj["tool_call"]
+    name, args = obj.get("name"), obj.get("arguments", obj.get("parameters"))
+    if not isinstance(name, str):
+        return None, "missing_name"
+    if name not in TOOLS:
+        return None, "unknown_tool"
+    if isinstance(args, str):  # OpenAI style: arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None, "bad_arguments"
+    if not isinstance(args, dict):
+        return None, "bad_arguments"
+    arg = TOOLS[name][1]
+    if arg not in args:
+        return None, "missing_argument"
+    value = args[arg]
+    ok = isinstance(value, str) if arg != "product_sequence" else \
+        isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+        return None, "wrong_argument_type"
+    return ToolCall(name, {arg: value}), ""
+
+
+def parse_tool_call(text: str, failures: Counter | None = None) -> ToolCall | None:
+    """Parse a generated tool call (bare or fenced JSON, optional ``tool_call`` wrapper).
+
+    Returns None on failure and counts the reason (``no_json``, ``missing_name``,
+    ``unknown_tool``, ``bad_arguments``, ``missing_argument``, ``wrong_argument_type``)
+    in ``failures`` and in the module-wide :data:`PARSE_FAILURES`.  Never raises.
+    """
+    reason = "no_json"
+    for obj in _json_objects(text if isinstance(text, str) else ""):
+        call, why = _as_call(obj)
+        if call is not None:
+            return call
+        if reason == "no_json":
+            reason = why  # the first object's problem is the most telling one
+    PARSE_FAILURES[reason] += 1
+    if failures is not None:
+        failures[reason] += 1
+    return None
+
+
+def call_text(text: str) -> str:
+    """Postprocess a generation: the canonical JSON of its call, else the stripped text.
+
+    Unparseable text is kept as it is, so that evaluation still counts its failure.
+    """
+    call = parse_tool_call(text, Counter())  # counted once, where it is scored
+    return format_tool_call(call) if call else (text or "").strip()
+
+
+def format_tool_call(call: ToolCall) -> str:
+    """Canonical JSON text of a call, the one shape of every gold, chosen and rejected text."""
+    return json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)

@@ -1,0 +1,182 @@
+"""PersonalWAB tool environment: the three functions an agent's call is executed with.
+
+* ``search_product_by_query`` -- BM25 over the catalogue (``all_products_part_*.json``:
+  title, features, description, categories, store), top 10 asins with a positive score.
+  The index uses :func:`data_process.text.tokenize` and the BM25Okapi formula of
+  :class:`data_process.text.BM25` (k1=1.5, b=0.75, negative idf floored at
+  0.25 x mean idf), so scores equal it; it is stored once as a sparse term x document
+  weight matrix in ``{cache_dir}/search_index/`` (npz, no pickle) and reused while the
+  catalogue files are unchanged (sha256 fingerprint).
+* ``get_recommendations_by_history`` -- SASRec (:mod:`eval.sasrec`) trained by
+  ``python -m scripts.train_sasrec``, read from ``{cache_dir}/sasrec``; top 10 asins.
+* ``add_product_review`` -- returns the review text.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from data_process.artifacts import read_json, sha256_file, write_json
+from data_process.pwab import ToolCall, numbered_parts, product_text
+from data_process.text import tokenize
+
+log = logging.getLogger(__name__)
+
+TOP_K = 10
+K1, B, EPSILON = 1.5, 0.75, 0.25
+
+
+def default_cache_dir(run_dir: str | Path) -> Path:
+    """Where a run keeps the PersonalWAB environment (search index, SASRec checkpoint)."""
+    return Path(run_dir) / "pwab_env"
+
+
+def load_catalogue(data_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """``{asin: product_info}`` from every ``all_products_part_*.json``, in file order."""
+    parts = numbered_parts(Path(data_dir), "all_products")
+    if not parts:
+        raise FileNotFoundError(f"{data_dir}: no all_products_part_*.json files (the product catalogue)")
+    catalogue: dict[str, dict[str, Any]] = {}
+    for path in parts:
+        raw = read_json(path)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected an object {{asin: product_info}}")
+        for asin, info in raw.items():
+            if not isinstance(info, dict):
+                raise ValueError(f"{path}: product {asin!r}: product_info must be an object")
+            catalogue[asin] = info
+    return catalogue
+
+
+class SearchIndex:
+    """BM25 weights ``W[term, doc]`` in CSR rows; a query's scores sum its terms' rows."""
+
+    def __init__(self, asins: list[str], vocab: list[str], indptr: np.ndarray, indices: np.ndarray,
+                 data: np.ndarray, from_cache: bool = False):
+        self.asins, self.vocab = asins, {t: i for i, t in enumerate(vocab)}
+        self.indptr, self.indices, self.data = indptr, indices, data
+        self.from_cache = from_cache
+
+    @classmethod
+    def build(cls, documents: list[str], asins: list[str]) -> SearchIndex:
+        counts = [Counter(tokenize(d)) for d in tqdm(documents, desc="index products", leave=False)]
+        lengths = np.array([sum(c.values()) for c in counts], dtype=np.float64)
+        avgdl = lengths.mean() if len(lengths) and lengths.sum() else 1.0
+        df = Counter(t for c in counts for t in c)
+        vocab = sorted(df)
+        n = len(documents)
+        idf = {t: math.log(n - f + 0.5) - math.log(f + 0.5) for t, f in df.items()}
+        floor = EPSILON * (sum(idf.values()) / len(idf)) if idf else 0.0
+        rows: dict[str, list[tuple[int, float]]] = {t: [] for t in vocab}
+        for d, c in enumerate(counts):
+            norm = K1 * (1 - B + B * lengths[d] / avgdl)
+            for t, tf in c.items():
+                weight = idf[t] if idf[t] >= 0 else floor
+                rows[t].append((d, weight * tf * (K1 + 1) / (tf + norm)))
+        indptr = np.zeros(len(vocab) + 1, dtype=np.int64)
+        indptr[1:] = np.cumsum([len(rows[t]) for t in vocab])
+        indices = np.array([d for t in vocab for d, _ in rows[t]], dtype=np.int64)
+        data = np.array([w for t in vocab for _, w in rows[t]], dtype=np.float64)
+        return cls(asins, vocab, indptr, indices, data)
+
+    def scores(self, query: str) -> np.ndarray:
+        out = np.zeros(len(self.asins))
+        for token in tokenize(query):  # repeated query terms count again, as in BM25Okapi
+            t = self.vocab.get(token)
+            if t is not None:
+                span = slice(self.indptr[t], self.indptr[t + 1])
+                out[self.indices[span]] += self.data[span]
+        return out
+
+    def search(self, query: str, k: int = TOP_K) -> list[str]:
+        """Asins of the ``k`` best products with a positive score (ties: catalogue order)."""
+        scores = self.scores(query)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [self.asins[i] for i in order if scores[i] > 0]
+
+    def save(self, directory: Path, fingerprint: dict[str, str]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        vocab = sorted(self.vocab, key=self.vocab.get)
+        tmp = directory / "index.tmp.npz"
+        np.savez(tmp, indptr=self.indptr, indices=self.indices, data=self.data)
+        tmp.replace(directory / "index.npz")
+        # meta.json last: its presence (with a matching fingerprint) marks a usable cache
+        write_json(directory / "meta.json", {"fingerprint": fingerprint, "asins": self.asins, "vocab": vocab,
+                                             "k1": K1, "b": B, "epsilon": EPSILON})
+
+    @classmethod
+    def load(cls, directory: Path, fingerprint: dict[str, str]) -> SearchIndex | None:
+        """The cached index, or None when absent or built from other catalogue files."""
+        meta_path = directory / "meta.json"
+        if not meta_path.exists() or not (directory / "index.npz").exists():
+            return None
+        meta = read_json(meta_path)
+        if meta.get("fingerprint") != fingerprint:
+            log.info("catalogue changed since %s was built: rebuilding the search index", directory)
+            return None
+        with np.load(directory / "index.npz", allow_pickle=False) as z:
+            return cls(meta["asins"], meta["vocab"], z["indptr"], z["indices"], z["data"], from_cache=True)
+
+
+def catalogue_fingerprint(data_dir: str | Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in numbered_parts(Path(data_dir), "all_products")}
+
+
+def search_index(data_dir: str | Path, cache_dir: str | Path) -> SearchIndex:
+    """Load the cached index of ``data_dir``'s catalogue, building (and caching) it once."""
+    directory = Path(cache_dir) / "search_index"
+    fingerprint = catalogue_fingerprint(data_dir)
+    index = SearchIndex.load(directory, fingerprint)
+    if index is None:
+        catalogue = load_catalogue(data_dir)
+        log.info("building the BM25 index of %d products in %s", len(catalogue), directory)
+        index = SearchIndex.build([product_text(info) for info in catalogue.values()], list(catalogue))
+        index.save(directory, fingerprint)
+    return index
+
+
+class PwabEnv:
+    """Executes tool calls.  The index and the recommender load on first use."""
+
+    def __init__(self, data_dir: str | Path, cache_dir: str | Path, *, sasrec_dir: str | Path | None = None,
+                 top_k: int = TOP_K):
+        self.data_dir, self.cache_dir = Path(data_dir), Path(cache_dir)
+        self.sasrec_dir = Path(sasrec_dir) if sasrec_dir else self.cache_dir / "sasrec"
+        self.top_k = top_k
+        self._index: SearchIndex | None = None
+        self._recommender = None
+
+    @property
+    def index(self) -> SearchIndex:
+        if self._index is None:
+            self._index = search_index(self.data_dir, self.cache_dir)
+        return self._index
+
+    @property
+    def recommender(self):
+        if self._recommender is None:
+            from eval.sasrec import SASRecRecommender
+
+            self._recommender = SASRecRecommender(self.sasrec_dir)
+        return self._recommender
+
+    def search_product_by_query(self, query: str) -> list[str]:
+        return self.index.search(query, self.top_k)
+
+    def get_recommendations_by_history(self, product_sequence: list[str]) -> list[str]:
+        return self.recommender.recommend(product_sequence, self.top_k)
+
+    def add_product_review(self, review: str) -> str:
+        return review
+
+    def run(self, call: ToolCall) -> list[str] | str:
+        """Result of one parsed call: a list of asins (search, recommend) or the review text."""
+        return getattr(self, call.name)(**call.arguments)
+

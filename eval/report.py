@@ -1,0 +1,216 @@
+"""Scores of a generation run, comparisons between runs, results tables and plots.
+
+A run is a ``generations.jsonl`` of ``{id, user_id, generation, gold, ...}`` records.
+:func:`score_records` gives every record its text metrics and averages them overall (over
+samples, and over users) and per user; :func:`paired_bootstrap` says whether two runs on
+the same samples really differ; :func:`results_table` and the ``plot_*`` functions turn
+scores into something a person can read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from eval.metrics import meteor_available, text_scores
+
+TEXT_METRICS = ("rouge1", "rougeL", "meteor")
+METRIC_NAMES = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "meteor": "METEOR"}
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def score_records(records: list[dict[str, Any]], desc: str = "score") -> dict[str, Any]:
+    """Text metrics of every record, their means overall and per user.
+
+    Returns ``{"metrics", "n", "overall", "user_macro", "per_user", "per_sample",
+    "meteor_unavailable"?}``: ``overall`` averages samples, ``user_macro`` averages the
+    per-user means (each user counts once).  METEOR is left out, and the reason given,
+    when WordNet is unavailable.
+    """
+    for i, record in enumerate(records):
+        for key in ("id", "user_id", "generation", "gold"):
+            if not isinstance(record.get(key), str):
+                raise ValueError(f"record {i} (id {record.get('id', '?')!r}): field {key!r} missing or not a string")
+    metrics = [m for m in TEXT_METRICS if m != "meteor" or meteor_available()]
+    per_sample = []
+    for record in tqdm(records, desc=desc, leave=False):
+        scores = text_scores(record["generation"], record["gold"])
+        per_sample.append({"id": record["id"], "user_id": record["user_id"],
+                           **{m: scores[m] for m in metrics}})
+    by_user: dict[str, list[dict]] = defaultdict(list)
+    for row in per_sample:
+        by_user[row["user_id"]].append(row)
+    per_user = {user: {"n": len(rows), **{m: _mean([r[m] for r in rows]) for m in metrics}}
+                for user, rows in sorted(by_user.items())}
+    result: dict[str, Any] = {
+        "metrics": metrics,
+        "n": len(per_sample),
+        "n_users": len(per_user),
+        "overall": {m: _mean([r[m] for r in per_sample]) for m in metrics},
+        "user_macro": {m: _mean([u[m] for u in per_user.values()]) for m in metrics},
+        "per_user": per_user,
+        "per_sample": per_sample,
+    }
+    if "meteor" not in metrics:
+        result["meteor_unavailable"] = "WordNet not found (run scripts/setup.sh); METEOR not reported"
+    return result
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000,
+                     seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Paired bootstrap interval of ``mean(b) - mean(a)`` over the same samples.
+
+    Resamples sample indices with replacement ``n_boot`` times and takes the percentile
+    interval of the mean difference; ``p_le_0`` is the fraction of resamples where B is
+    not better than A (a one-sided bootstrap p-value).
+    """
+    a_arr, b_arr = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a_arr.shape != b_arr.shape or a_arr.ndim != 1 or len(a_arr) == 0:
+        raise ValueError(f"paired bootstrap needs two equal, non-empty lists (got {len(a_arr)} and {len(b_arr)})")
+    diff = b_arr - a_arr
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diff), size=(n_boot, len(diff)))
+    means = diff[idx].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    return {"diff": float(diff.mean()), "low": float(np.quantile(means, tail)),
+            "high": float(np.quantile(means, 1.0 - tail)), "p_le_0": float((means <= 0).mean()),
+            "n": int(len(diff)), "n_boot": int(n_boot), "level": level}
+
+
+def compare_scores(scores_a: dict[str, Any], scores_b: dict[str, Any], *, n_boot: int = 2000,
+                   seed: int = 0) -> dict[str, dict[str, float]]:
+    """Paired bootstrap of B - A per metric over the samples both runs scored."""
+    rows_a = {r["id"]: r for r in scores_a["per_sample"]}
+    rows_b = {r["id"]: r for r in scores_b["per_sample"]}
+    shared = sorted(set(rows_a) & set(rows_b))
+    if not shared:
+        raise ValueError("the two runs share no sample ids: nothing to compare")
+    metrics = [m for m in scores_a["metrics"] if m in scores_b["metrics"]]
+    return {m: paired_bootstrap([rows_a[i][m] for i in shared], [rows_b[i][m] for i in shared],
+                                n_boot=n_boot, seed=seed) for m in metrics}
+
+
+def format_comparison(name_a: str, name_b: str, result: dict[str, dict[str, float]]) -> str:
+    """Human-readable lines of a :func:`compare_scores` result."""
+    lines = [f"{name_b} - {name_a} (paired bootstrap, {next(iter(result.values()))['n']} samples):"]
+    for metric, r in result.items():
+        verdict = "B better" if r["low"] > 0 else "A better" if r["high"] < 0 else "no clear difference"
+        lines.append(f"  {METRIC_NAMES.get(metric, metric):8s} {r['diff']:+.4f}  "
+                     f"{int(r['level'] * 100)}% CI [{r['low']:+.4f}, {r['high']:+.4f}]  {verdict}")
+    return "\n".join(lines)
+
+
+def results_table(rows: dict[str, dict[str, float]], metrics: Sequence[str] = TEXT_METRICS,
+                  extra: dict[str, dict[str, str]] | None = None) -> str:
+    """A Markdown table: one row per run name, one column per metric (plus ``extra``)."""
+    extra = extra or {}
+    extra_cols = sorted({c for v in extra.values() for c in v})
+    header = ["run", *[METRIC_NAMES.get(m, m) for m in metrics], *extra_cols]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for name, scores in rows.items():
+        cells = [name]
+        for m in metrics:
+            value = scores.get(m)
+            cells.append("n/a" if value is None or (isinstance(value, float) and math.isnan(value))
+                         else f"{value:.4f}")
+        cells += [extra.get(name, {}).get(c, "") for c in extra_cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_sweep(points: list[dict[str, float]], path: str | Path, metric: str = "rougeL",
+               baseline: float | None = None) -> Path:
+    """Line plot of ``metric`` against the multiplier, one line per layer (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for layer in sorted({p["layer"] for p in points}):
+        pts = sorted((p["multiplier"], p[metric]) for p in points if p["layer"] == layer)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"layer {int(layer)}")
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", linestyle="--", label="rag")
+    ax.set_xlabel("multiplier")
+    ax.set_ylabel(METRIC_NAMES.get(metric, metric))
+    ax.set_title(f"fints: {METRIC_NAMES.get(metric, metric)} vs multiplier")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_runs(rows: dict[str, dict[str, float]], path: str | Path,
+              metrics: Sequence[str] = TEXT_METRICS) -> Path:
+    """Grouped bar chart of each run's metrics (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in metrics if any(m in r for r in rows.values())]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(rows), 1)
+    for j, (name, scores) in enumerate(rows.items()):
+        xs = [i + j * width for i in range(len(metrics))]
+        ax.bar(xs, [scores.get(m, 0.0) for m in metrics], width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(metrics))])
+    ax.set_xticklabels([METRIC_NAMES.get(m, m) for m in metrics])
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def evaluate_run(gen_dir: str | Path, *, task: str, config: Any, data_dir: str = "",
+                 cache_dir: str = "", overwrite: bool = False) -> dict[str, Any]:
+    """Score ``gen_dir/generations.jsonl`` into ``gen_dir/eval/scores.json`` (+ manifest).
+
+    Skipped (the stored scores returned) when the evaluation already finished.  For
+    PersonalWAB the scores come from :func:`eval.pwab_eval.evaluate_pwab` (function and
+    result accuracy per task type).
+    """
+    from data_process.artifacts import Stage, read_json, read_jsonl, write_json
+
+    gen_dir = Path(gen_dir)
+    source = gen_dir / "generations.jsonl"
+    if not (gen_dir / "manifest.json").exists():
+        raise FileNotFoundError(f"{gen_dir}: generation has not finished (no manifest.json); "
+                                "run scripts/05_generate first")
+    stage = Stage("06_evaluate", gen_dir / "eval", config, overwrite=overwrite)
+    out = stage.out_dir / "scores.json"
+    if stage.done:
+        return read_json(out)
+    records = read_jsonl(source)
+    if not records:
+        raise ValueError(f"{source}: no generation records to evaluate")
+    if task == "pwab":
+        from eval.pwab_env import default_cache_dir  # PersonalWAB modules, imported on use
+        from eval.pwab_eval import evaluate_pwab
+
+        # The tool environment (search index, SASRec) is shared by the run: {run_dir}/pwab_env.
+        cache = cache_dir or default_cache_dir(gen_dir.parents[2])
+        scores = {"task": task, "n": len(records), **evaluate_pwab(records, data_dir, cache)}
+    else:
+        scores = {"task": task, **score_records(records, desc=f"06 {gen_dir.name}")}
+    scores["algo"] = records[0].get("algo")
+    write_json(out, scores)
+    stage.finish(inputs=[source], outputs=[out], n=len(records),
+                 meteor_unavailable=scores.get("meteor_unavailable"))
+    return scores

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Run the whole pipeline, 01 -> 06, for one task config and every algorithm:
+#   bash scripts/run.sh configs/lamp4.json
+# A stage whose manifest exists skips itself, so a rerun only does what is missing.
+# ALGOS="rag fints" and SPLITS="seen_test unseen_test" choose what stages 05-06 run.
+# Prints the results table and the seconds each stage took.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=${1:?usage: bash scripts/run.sh configs/<task>.json}
+PY=${PYTHON:-.venv/bin/python}
+ALGOS=${ALGOS:-zeroshot rag steer fints}
+SPLITS=${SPLITS:-seen_test}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+TIMES=$(mktemp)
+trap 'rm -f "$TIMES"' EXIT
+
+stage() {  # stage LABEL MODULE [flags...]: run one stage and record its wall time
+  local label=$1 module=$2; shift 2
+  local t0 t1
+  t0=$(date +%s.%N)
+  echo "=== $label ==="
+  "$PY" -m "scripts.$module" --config "$CONFIG" "$@"
+  t1=$(date +%s.%N)
+  printf "%s\t%s\n" "$label" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" >> "$TIMES"
+}
+
+stage "01 select users" 01_select_users
+stage "02 rank history" 02_rank_history
+stage "03 collect pairs" 03_collect_pairs
+stage "04 extract vectors" 04_extract_vectors
+for split in $SPLITS; do
+  for algo in $ALGOS; do
+    stage "05 generate $algo ($split)" 05_generate --algo "$algo" --split "$split"
+  done
+  # shellcheck disable=SC2086
+  stage "06 evaluate ($split)" 06_evaluate --split "$split" --algos $ALGOS
+done
+
+echo "Seconds per stage (a stage that was already finished shows its skip time):"
+awk -F'\t' '{ printf "  %-32s %7.1f s\n", $1, $2; total += $2 } END { printf "  %-32s %7.1f s\n", "total", total }' "$TIMES"

@@ -1,0 +1,205 @@
+"""The four generation algorithms compared by Fints, as small strategies chosen by name.
+
+Each algorithm turns a batch of test samples into user messages and, when it steers,
+one steering row per sample (``{"attn.L": Tensor[n, hidden], ...}``, already scaled):
+
+* ``zeroshot`` — the task prompt alone;
+* ``rag``      — the prompt with the sample's top-k ranked history items (stage 02 order);
+* ``steer``    — the RAG prompt + the user's global vector (``mean | pca | logistic``);
+* ``fints``    — the RAG prompt + a per-query vector aggregated from the user's top-K pairs.
+
+All four share the prompt builder, decoding, dtype and batching, so the only thing that
+differs between them is what the algorithm adds.  A user without vectors (an unseen user)
+gets a zero row, i.e. exactly RAG, and is listed in :attr:`Prepared.missing_users`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_process.config import choose
+
+log = logging.getLogger(__name__)
+
+# History items put in the RAG prompt when the config does not say (paper defaults).
+TASK_K = {"lamp4": 5, "longlamp": 3, "pwab": 5}
+SITES = ("attn", "mlp", "block")
+
+
+@dataclass
+class SteerSpec:
+    """Where and how strongly to steer: one multiplier per hook key (``site.layer``)."""
+
+    scales: dict[str, float]
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.scales)
+
+    @classmethod
+    def build(cls, layers: list[int], sites: list[str], alpha: float = 1.0, beta: float = 1.0,
+              multipliers: list[float] | None = None) -> SteerSpec:
+        """``multipliers`` (one per layer, every site of that layer) override ``alpha``
+        (attn and block sites) and ``beta`` (mlp sites)."""
+        bad = [s for s in sites if s not in SITES]
+        if bad:
+            raise ValueError(f"unknown steering site(s) {bad}; choose from {list(SITES)}")
+        if not layers or not sites:
+            raise ValueError("steering needs at least one layer (--layers) and one site (--sites)")
+        if multipliers and len(multipliers) != len(layers):
+            raise ValueError(f"--multipliers gives {len(multipliers)} values for {len(layers)} layers "
+                             f"{layers}; give one per layer")
+        scales = {}
+        for i, layer in enumerate(layers):
+            for site in sites:
+                if multipliers:
+                    scales[f"{site}.{layer}"] = float(multipliers[i])
+                else:
+                    scales[f"{site}.{layer}"] = float(beta if site == "mlp" else alpha)
+        return cls(scales)
+
+
+@dataclass
+class AlgoSettings:
+    """Everything an algorithm needs besides the samples (filled from the stage config)."""
+
+    task: str
+    tokenizer: Any = None
+    k: int = -1                      # history items in the prompt; -1: task default
+    max_prompt_tokens: int = 0       # 0: the prompt builder's default
+    steer: SteerSpec | None = None
+    vectors_dir: str | Path = ""
+    vec_strategy: str = "mean"
+    top_k: int = 5
+    weighting: str = "softmax"
+    temperature: float = 0.1
+    retriever: str = "bm25"
+    model: Any = None                # checked against the vector store's metadata
+    hidden_size: int = 0
+
+    @property
+    def history_k(self) -> int:
+        return TASK_K.get(self.task, 5) if self.k < 0 else self.k
+
+
+@dataclass
+class Prepared:
+    """Messages (and optional per-row deltas) for one batch of samples."""
+
+    messages: list[str]
+    deltas: dict[str, torch.Tensor] | None = None
+    missing_users: set[str] = field(default_factory=set)
+
+
+def build_message(settings: AlgoSettings, sample: dict, history: list[dict]) -> str:
+    """The user message of one sample, through the task's shared prompt builder."""
+    from data_process.prompts import build_prompt
+
+    kwargs: dict[str, Any] = {"tokenizer": settings.tokenizer}
+    if settings.max_prompt_tokens > 0:
+        kwargs["max_prompt_tokens"] = settings.max_prompt_tokens
+    return build_prompt(settings.task, sample, history, **kwargs)
+
+
+def _scale(vectors: dict[str, torch.Tensor], spec: SteerSpec) -> dict[str, torch.Tensor]:
+    return {key: vectors[key].float() * spec.scales[key] for key in spec.keys}
+
+
+class ZeroShot:
+    """The task prompt alone."""
+
+    steers = False
+
+    def __init__(self, settings: AlgoSettings):
+        self.settings = settings
+
+    def history(self, sample: dict) -> list[dict]:
+        return []
+
+    def __call__(self, samples: list[dict]) -> Prepared:
+        return Prepared([build_message(self.settings, s, self.history(s)) for s in samples])
+
+
+class Rag(ZeroShot):
+    """The prompt with the sample's top-k history items (already ranked by stage 02)."""
+
+    def history(self, sample: dict) -> list[dict]:
+        return sample["history"][: self.settings.history_k]
+
+
+class GlobalSteer(Rag):
+    """RAG prompt + the user's global steering vector (one vector per user)."""
+
+    steers = True
+
+    def __init__(self, settings: AlgoSettings):
+        super().__init__(settings)
+        if settings.steer is None:
+            raise ValueError("algorithm 'steer' needs steering layers and sites")
+        from steering.vectors import load_user_vectors
+
+        path = Path(settings.vectors_dir) / "user_vectors.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no per-user vectors (run scripts/04_extract_vectors first)")
+        self.user_vectors = load_user_vectors(path, settings.vec_strategy, settings.steer.keys,
+                                              model=settings.model)
+
+    def __call__(self, samples: list[dict]) -> Prepared:
+        prepared = super().__call__(samples)
+        spec, hidden = self.settings.steer, self.settings.hidden_size
+        rows: dict[str, list[torch.Tensor]] = {key: [] for key in spec.keys}
+        for s in samples:
+            user = self.user_vectors.get(s["user_id"])
+            if user is None:
+                prepared.missing_users.add(s["user_id"])
+            for key in spec.keys:
+                rows[key].append(user[key].float() if user is not None else torch.zeros(hidden))
+        prepared.deltas = _scale({k: torch.stack(v) for k, v in rows.items()}, spec)
+        return prepared
+
+
+class Fints(Rag):
+    """RAG prompt + a per-query vector aggregated from the user's most relevant pairs."""
+
+    steers = True
+
+    def __init__(self, settings: AlgoSettings):
+        super().__init__(settings)
+        if settings.steer is None:
+            raise ValueError("algorithm 'fints' needs steering layers and sites")
+        from steering.aggregate import PairAggregator
+        from steering.vectors import VectorStore
+
+        path = Path(settings.vectors_dir) / "vectors.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no pair vectors (run scripts/04_extract_vectors first)")
+        store = VectorStore.load(path, model=settings.model, keys=settings.steer.keys)
+        self.aggregator = PairAggregator(store, settings.steer.keys, top_k=settings.top_k,
+                                         weighting=settings.weighting,
+                                         temperature=settings.temperature,
+                                         retriever=settings.retriever)
+
+    def __call__(self, samples: list[dict]) -> Prepared:
+        prepared = super().__call__(samples)
+        users = [s["user_id"] for s in samples]
+        # Pairs are indexed by their history-free question, so the query takes that form too.
+        queries = [build_message(self.settings, s, []) for s in samples]
+        vectors = self.aggregator.vectors(users, queries)
+        prepared.missing_users = set(users) & set(getattr(self.aggregator, "missing_users", set()))
+        prepared.deltas = _scale(vectors, self.settings.steer)
+        return prepared
+
+
+ALGORITHMS: dict[str, Callable[[AlgoSettings], ZeroShot]] = {
+    "zeroshot": ZeroShot, "rag": Rag, "steer": GlobalSteer, "fints": Fints}
+
+
+def build_algorithm(name: str, settings: AlgoSettings) -> ZeroShot:
+    """Instantiate algorithm ``name`` ("Did you mean" error for unknown names)."""
+    return choose("algorithm", name, ALGORITHMS)(settings)

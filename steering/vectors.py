@@ -1,0 +1,175 @@
+"""The vector store: per-pair steering vectors and per-user global vectors on disk.
+
+Files (safetensors only; never pickle):
+
+* ``vectors.safetensors`` -- one tensor per site key (``attn.15``, ``mlp.15``,
+  ``block.15``), shape ``[n_pairs, hidden]``, rows in ``pairs.jsonl`` order.  The header
+  metadata key ``fints`` holds JSON: model name, hidden size, layers, sites, keys, dtype,
+  n_pairs, extraction settings, and the sha256 of the index file.
+* ``vectors.index.json`` -- the rows: ``[{pair_id, user_id, sample_id, prompt}, ...]``.
+* ``user_vectors.safetensors`` -- tensors named ``"<strategy>/<key>/<user_id>"`` (e.g.
+  ``"pca/attn.15/u123"``), shape ``[hidden]``, same ``fints`` metadata.
+
+Loading checks the metadata against the model that will be steered and refuses a
+different model name or hidden size, or a key that was not extracted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from data_process.artifacts import read_json, sha256_file, write_json
+from steering.hooks import hidden_size
+from steering.model import model_name
+
+VECTORS_FILE = "vectors.safetensors"
+INDEX_FILE = "vectors.index.json"
+USER_VECTORS_FILE = "user_vectors.safetensors"
+FORMAT_VERSION = 1
+INDEX_FIELDS = ("pair_id", "user_id", "sample_id", "prompt")
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"fints": json.dumps(meta)})
+    os.chmod(tmp, 0o644)  # safetensors creates 0600 files; vectors are ordinary artifacts
+    os.replace(tmp, path)
+
+
+def _read_meta(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file (run `python -m scripts.04_extract_vectors` first)")
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("fints")
+    if raw is None:
+        raise ValueError(f"{path}: not a Fints vector file (no 'fints' metadata in the safetensors header)")
+    return json.loads(raw)
+
+
+def check_model(meta: dict, model, path: Path) -> None:
+    """Refuse a model whose name or hidden size differs from the one vectors came from."""
+    if model is None:
+        return
+    name, hidden = model_name(model), hidden_size(model)
+    if meta["model"] != name:
+        raise ValueError(f"{path}: vectors were extracted from model {meta['model']!r} but the loaded model is "
+                         f"{name!r}; re-run stage 04 with --model pointing at this model")
+    if meta["hidden_size"] != hidden:
+        raise ValueError(f"{path}: vectors have hidden size {meta['hidden_size']} but the model has {hidden}")
+
+
+def check_keys(meta: dict, keys: list[str] | None, path: Path) -> None:
+    missing = [k for k in keys or [] if k not in meta["keys"]]
+    if missing:
+        raise ValueError(f"{path}: key(s) {missing} were not extracted; the file holds {meta['keys']} "
+                         "(re-run stage 04 with --layers/--sites covering them)")
+
+
+def save_vectors(out_dir: str | Path, tensors: dict[str, torch.Tensor], index: list[dict], meta: dict,
+                 dtype: torch.dtype = torch.float16) -> Path:
+    """Write ``vectors.safetensors`` and its index; returns the tensor file's path."""
+    out_dir = Path(out_dir)
+    rows = {t.shape[0] for t in tensors.values()}
+    if rows != {len(index)}:
+        raise ValueError(f"vector rows {sorted(rows)} do not match the index length {len(index)}")
+    index = [{k: r[k] for k in INDEX_FIELDS} for r in index]
+    write_json(out_dir / INDEX_FILE, index)
+    meta = {**meta, "format_version": FORMAT_VERSION, "keys": sorted(tensors), "n_pairs": len(index),
+            "dtype": str(dtype).removeprefix("torch."), "index_file": INDEX_FILE,
+            "index_sha256": sha256_file(out_dir / INDEX_FILE)}
+    path = out_dir / VECTORS_FILE
+    _atomic_save({k: v.to(dtype) for k, v in tensors.items()}, path, meta)
+    return path
+
+
+def _resolve(path: str | Path, name: str) -> Path:
+    path = Path(path)
+    return path / name if path.is_dir() else path
+
+
+@dataclass
+class VectorStore:
+    """Per-pair vectors in memory: ``.meta``, ``.index`` (rows), ``.get(key)`` fp32."""
+
+    meta: dict
+    index: list[dict]
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    path: Path | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, model=None, keys: list[str] | None = None) -> VectorStore:
+        """Load a store (a vectors directory or its ``vectors.safetensors``), checking it
+        against ``model`` (name, hidden size) and ``keys`` (must have been extracted)."""
+        path = _resolve(path, VECTORS_FILE)
+        meta = _read_meta(path)
+        check_model(meta, model, path)
+        check_keys(meta, keys, path)
+        index_path = path.parent / meta["index_file"]
+        index = read_json(index_path)
+        if len(index) != meta["n_pairs"] or sha256_file(index_path) != meta["index_sha256"]:
+            raise ValueError(f"{index_path} does not belong to {path} (row count or checksum differs); "
+                             "re-run stage 04 with --overwrite")
+        tensors = {}
+        with safe_open(str(path), framework="pt") as f:
+            for key in keys or meta["keys"]:
+                tensors[key] = f.get_tensor(key).float()
+        return cls(meta, index, tensors, path)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def get(self, key: str) -> torch.Tensor:
+        """``[n_pairs, hidden]`` fp32 vectors of one site key."""
+        if key not in self.tensors:
+            raise ValueError(f"{self.path}: key {key!r} not loaded; available {sorted(self.tensors)}")
+        return self.tensors[key]
+
+    def rows_by_user(self) -> dict[str, list[int]]:
+        """Row numbers of every user's pairs, in index order."""
+        rows: dict[str, list[int]] = {}
+        for i, record in enumerate(self.index):
+            rows.setdefault(str(record["user_id"]), []).append(i)
+        return rows
+
+
+def save_user_vectors(out_dir: str | Path, vectors: dict[str, dict[str, dict[str, torch.Tensor]]],
+                      meta: dict, dtype: torch.dtype = torch.float16) -> Path:
+    """Write ``{strategy: {key: {user_id: [hidden]}}}`` as ``user_vectors.safetensors``."""
+    tensors, keys = {}, set()
+    for strategy, by_key in vectors.items():
+        for key, by_user in by_key.items():
+            keys.add(key)
+            for user, vec in by_user.items():
+                tensors[f"{strategy}/{key}/{user}"] = vec.to(dtype)
+    meta = {**meta, "format_version": FORMAT_VERSION, "keys": sorted(keys), "strategies": sorted(vectors),
+            "dtype": str(dtype).removeprefix("torch.")}
+    path = Path(out_dir) / USER_VECTORS_FILE
+    _atomic_save(tensors, path, meta)
+    return path
+
+
+def load_user_vectors(path: str | Path, strategy: str, keys: list[str],
+                      model=None) -> dict[str, dict[str, torch.Tensor]]:
+    """``{user_id: {key: [hidden] fp32}}`` for one strategy (mean | pca | logistic)."""
+    path = _resolve(path, USER_VECTORS_FILE)
+    meta = _read_meta(path)
+    check_model(meta, model, path)
+    check_keys(meta, keys, path)
+    if strategy not in meta["strategies"]:
+        raise ValueError(f"{path}: strategy {strategy!r} not stored; available {meta['strategies']}")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            s, key, user = name.split("/", 2)  # user ids may contain '/', keys never do
+            if s == strategy and key in keys:
+                out.setdefault(user, {})[key] = f.get_tensor(name).float()
+    return out

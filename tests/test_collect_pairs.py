@@ -1,0 +1,200 @@
+"""Stage 03: other users' history, the ROUGE filter, resume and the script end to end."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+
+from collect.pairs import PairSettings, PairWriter, collect_pairs, other_users_pools, try_histories
+from data_process.artifacts import read_jsonl, write_jsonl
+
+from .conftest import ROOT
+
+USERS = ["ua", "ub", "uc"]
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india"]
+
+
+def sample(user: str, i: int) -> dict:
+    word = WORDS[((USERS + ["ud"]).index(user) * 3 + i) % len(WORDS)]
+    history = [{"id": f"{user}-h{j}", "input": f"{user} old article {j}", "output": f"{user} old title {j}"}
+               for j in range(4)]
+    return {"id": f"{user}-s{i}", "user_id": user, "output": f"{word} package manager tool",
+            "input": f"Generate a headline for the following article: article {user}-s{i} about {word}.",
+            "history": history}
+
+
+SAMPLES = [sample(u, i) for u in USERS for i in range(3)]
+REMAIN = [sample("ud", i) for i in range(3)]
+
+
+def sample_of(message: str) -> dict:
+    # Other users' samples also appear as history items: match the question only.
+    return next(s for s in SAMPLES if f"following article: article {s['id']} about" in message)
+
+
+class FakeGenerator:
+    """Answers from a script keyed by (sample id, try); records every call."""
+
+    def __init__(self, script=None, fail_on_call=None):
+        self.script, self.fail_on_call, self.calls = script or {}, fail_on_call, []
+
+    def __call__(self, messages):
+        self.calls.append(list(messages))
+        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
+            raise KeyboardInterrupt("killed")
+        tries: dict[str, int] = {}
+        answers = []
+        for m in messages:
+            sid = sample_of(m)["id"]
+            t = tries[sid] = tries.get(sid, -1) + 1
+            answers.append(self.script.get((sid, t), f"unrelated words number {t} for {sid}"))
+        return answers
+
+
+def run(tmp_path, generator, **settings):
+    settings = {"task": "lamp4", "samples_per_chunk": 2, "seed": 1, **settings}
+    writer = PairWriter(tmp_path)
+    try:
+        return collect_pairs(SAMPLES, SAMPLES + REMAIN, generator, PairSettings(**settings), writer)
+    finally:
+        writer.close()
+
+
+def test_rouge_filter_keeps_only_tries_unlike_the_gold(tmp_path):
+    gold = SAMPLES[0]["output"]
+    script = {(SAMPLES[0]["id"], 0): gold, (SAMPLES[0]["id"], 1): "Headline: \"A web browser\"",
+              (SAMPLES[1]["id"], 0): "", (SAMPLES[1]["id"], 1): "charlie package tool manager",
+              (SAMPLES[2]["id"], 0): "same answer", (SAMPLES[2]["id"], 1): "same answer"}
+    summary = run(tmp_path, FakeGenerator(script), threshold=0.5)
+    pairs = {p["pair_id"]: p for p in read_jsonl(tmp_path / "pairs.jsonl")}
+    assert f"{SAMPLES[0]['id']}-n0" not in pairs
+    kept = pairs[f"{SAMPLES[0]['id']}-n1"]
+    assert kept["rejected"] == "A web browser" and kept["chosen"] == gold and kept["rouge_l"] == 0.0
+    assert kept["prompt"].startswith("Generate a headline for the following article: article ua-s0")
+    assert "Headline:" not in kept["prompt"]  # the pair's prompt carries no history
+    assert not any(p["sample_id"] == SAMPLES[1]["id"] for p in pairs.values())  # empty + similar
+    assert [p["pair_id"] for p in pairs.values() if p["sample_id"] == SAMPLES[2]["id"]] == ["ua-s2-n0"]
+    ua = summary["per_user"]["ua"]
+    assert (ua["kept"], ua["dropped_similar"], ua["dropped_empty"], ua["dropped_duplicate"]) == (2, 2, 1, 1)
+    assert summary["rouge_l"]["kept_below"]["0.5"] == summary["totals"]["kept"]
+
+
+def test_users_left_without_pairs_are_reported(tmp_path):
+    script = {(s["id"], t): s["output"] for s in SAMPLES if s["user_id"] == "ub" for t in range(2)}
+    summary = run(tmp_path, FakeGenerator(script))
+    assert summary["users_without_pairs"] == ["ub"]
+    assert summary["totals"]["kept"] == 12 and summary["totals"]["samples"] == 9
+
+
+def test_other_users_history_never_includes_the_users_own_items():
+    shared = {**REMAIN[0], "id": "ua-h1"}  # another user's copy of one of ua's history items
+    pools = other_users_pools(SAMPLES, SAMPLES + REMAIN + [shared])
+    for s in SAMPLES:
+        own_ids = {x["id"] for x in SAMPLES if x["user_id"] == s["user_id"]} | {h["id"] for h in s["history"]}
+        for history in try_histories(s, pools[s["user_id"]], k=5, tries=3, rag="others", seed=0):
+            assert len(history) == 5
+            assert all(h["user_id"] != s["user_id"] and h["id"] not in own_ids for h in history)
+
+
+def test_rag_history_uses_the_users_own_ranked_history_first():
+    histories = try_histories(SAMPLES[0], [], k=2, tries=2, rag="history", seed=0)
+    assert histories[0] == SAMPLES[0]["history"][:2]
+    assert all(h in SAMPLES[0]["history"] for h in histories[1])
+
+
+def test_seeded_runs_are_identical_and_seeds_matter(tmp_path):
+    first, second, other = FakeGenerator(), FakeGenerator(), FakeGenerator()
+    run(tmp_path / "a", first)
+    run(tmp_path / "b", second)
+    run(tmp_path / "c", other, seed=2)
+    assert first.calls == second.calls and first.calls != other.calls
+    assert (tmp_path / "a" / "pairs.jsonl").read_text() == (tmp_path / "b" / "pairs.jsonl").read_text()
+
+
+def test_all_tries_of_a_chunk_of_samples_go_to_the_generator_at_once(tmp_path):
+    fake = FakeGenerator()
+    run(tmp_path, fake, samples_per_chunk=4, tries=3)
+    assert [len(c) for c in fake.calls] == [12, 12, 3]
+
+
+def test_a_killed_collection_resumes_without_duplicates_or_gaps(tmp_path):
+    full = tmp_path / "full"
+    run(full, FakeGenerator())
+    resumed = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run(resumed, FakeGenerator(fail_on_call=3))  # chunks 1 and 2 (4 samples) finished
+    # A kill between a sample's pairs and its done-marker leaves pairs of an open sample.
+    with open(resumed / "pairs.jsonl", "a") as f:
+        f.write(json.dumps({"pair_id": "ub-s2-n0", "sample_id": "ub-s2", "user_id": "ub"}) + "\n")
+        f.write('{"pair_id": "ub-s2-n1", "sam')  # and a torn line
+    again = FakeGenerator()
+    summary = run(resumed, again)
+    assert sum(len(c) for c in again.calls) == (9 - 4) * 2  # finished samples are not redone
+    assert read_jsonl(resumed / "pairs.jsonl") == read_jsonl(full / "pairs.jsonl")
+    assert summary["totals"]["samples"] == 9
+    assert len(read_jsonl(resumed / "progress.jsonl")) == 9
+
+
+def test_samples_that_kept_no_pair_are_not_redone(tmp_path):
+    script = {(s["id"], t): s["output"] for s in SAMPLES for t in range(2)}
+    run(tmp_path, FakeGenerator(script))
+    again = FakeGenerator()
+    run(tmp_path, again)
+    assert again.calls == [] and read_jsonl(tmp_path / "pairs.jsonl") == []
+
+
+def test_the_script_collects_pairs_with_a_tiny_model_and_skips_when_done(tmp_path, tiny_llama_dir, capsys):
+    stage = importlib.import_module("scripts.03_collect_pairs")
+    write_jsonl(tmp_path / "ranked" / "train.jsonl", SAMPLES)
+    write_jsonl(tmp_path / "ranked" / "remain_train.jsonl", REMAIN)
+    argv = ["--task", "lamp4", "--run-dir", str(tmp_path), "--model", "models/not-this-one",
+            "--collect-model", str(tiny_llama_dir), "--device", "cpu", "--threshold", "1.01",
+            "--max-new-tokens", "4", "--batch-size", "4", "--max-samples", "4"]
+    stage.main(argv)
+    pairs = read_jsonl(tmp_path / "pairs" / "pairs.jsonl")
+    manifest = json.loads((tmp_path / "pairs" / "manifest.json").read_text())
+    summary = json.loads((tmp_path / "pairs" / "summary.json").read_text())
+    assert summary["totals"]["samples"] == 4 and summary["totals"]["tries"] == 8
+    assert len(pairs) == summary["totals"]["kept"]
+    assert {p["sample_id"] for p in pairs} <= {s["id"] for s in SAMPLES[:4]}
+    assert manifest["stage"] == "03_collect_pairs" and manifest["totals"] == summary["totals"]
+    assert "kept" in capsys.readouterr().out
+    stage.main(argv)
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_task_config_sections_parse_into_the_stage_config():
+    from collect.pairs import CollectPairsConfig
+    from data_process.config import parse_config
+
+    for task, threshold in [("lamp4", 0.15), ("longlamp", 0.2)]:
+        cfg = parse_config(CollectPairsConfig, "collect_pairs", ["--config", str(ROOT / "configs" / f"{task}.json")])
+        assert cfg.resolved_threshold() == threshold
+    cfg = parse_config(CollectPairsConfig, "collect_pairs", ["--config", str(ROOT / "configs" / "pwab.json")])
+    assert (cfg.search_threshold, cfg.review_threshold, cfg.positive_k) == (0.65, 0.51, 5)
+
+
+def test_the_script_hands_pwab_collection_to_the_pwab_collector(tmp_path, tiny_llama_dir, monkeypatch):
+    import sys
+    import types
+
+    seen = {}
+
+    def fake_collect(cfg, samples, other_samples, model, tok, writer, done_sample_ids):
+        seen.update(task=cfg.task, n=len(samples), others=len(other_samples), done=set(done_sample_ids),
+                    positive_k=cfg.positive_k)
+        writer.write({"pair_id": "p0", "user_id": "ua", "sample_id": samples[0]["id"], "prompt": "q",
+                      "chosen": "c", "rejected": "r", "rouge_l": 0.0, "score": 0.1})
+        writer.mark_done(samples[0]["id"], user_id="ua", tries=1, kept=1)
+        return {"pwab": {"search": 1}}
+
+    monkeypatch.setitem(sys.modules, "collect.pwab_pairs", types.SimpleNamespace(collect_pwab_pairs=fake_collect))
+    stage = importlib.import_module("scripts.03_collect_pairs")
+    write_jsonl(tmp_path / "ranked" / "train.jsonl", SAMPLES)
+    stage.main(["--task", "pwab", "--run-dir", str(tmp_path), "--model", str(tiny_llama_dir), "--device", "cpu"])
+    assert seen == {"task": "pwab", "n": 9, "others": 9, "done": set(), "positive_k": 5}
+    summary = json.loads((tmp_path / "pairs" / "summary.json").read_text())
+    assert summary["pwab"] == {"search": 1} and summary["totals"]["kept"] == 1
+    assert len(read_jsonl(tmp_path / "pairs" / "pairs.jsonl")) == 1

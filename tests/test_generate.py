@@ -1,0 +1,100 @@
+"""Stage 05 building blocks: algorithm prompts and deltas, steering multipliers, records."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import collect.generation
+from data_process.artifacts import JsonlWriter, read_jsonl
+from steering.algorithms import AlgoSettings, Prepared, SteerSpec, ZeroShot, build_algorithm
+from steering.runner import generate_records
+
+HISTORY = [{"id": f"h{i}", "input": f"Generate a headline for the following article: article {i}",
+            "output": f"headline number {i}"} for i in range(4)]
+SAMPLE = {"id": "s1", "user_id": "u1", "input": "Generate a headline for the following article: new text",
+          "output": "gold headline", "history": HISTORY}
+
+
+def test_zeroshot_prompt_has_no_history_and_rag_has_the_top_k_items_in_ranked_order():
+    zero = build_algorithm("zeroshot", AlgoSettings(task="lamp4"))([SAMPLE])
+    rag = build_algorithm("rag", AlgoSettings(task="lamp4", k=2))([SAMPLE])
+    assert "headline number" not in zero.messages[0] and zero.deltas is None
+    message = rag.messages[0]
+    assert message.index("headline number 0") < message.index("headline number 1")
+    assert "headline number 2" not in message and message.endswith(zero.messages[0])
+
+
+def test_rag_uses_the_task_default_number_of_history_items():
+    assert AlgoSettings(task="lamp4").history_k == 5
+    assert AlgoSettings(task="longlamp").history_k == 3
+    assert AlgoSettings(task="lamp4", k=0).history_k == 0
+
+
+def test_alpha_scales_attention_and_beta_scales_mlp_sites():
+    spec = SteerSpec.build([3, 7], ["attn", "mlp"], alpha=0.5, beta=2.0)
+    assert spec.scales == {"attn.3": 0.5, "mlp.3": 2.0, "attn.7": 0.5, "mlp.7": 2.0}
+
+
+def test_multipliers_give_one_scale_per_layer_and_must_match_the_layers():
+    spec = SteerSpec.build([3, 7], ["attn", "mlp"], alpha=9, beta=9, multipliers=[1.0, 4.0])
+    assert spec.scales == {"attn.3": 1.0, "mlp.3": 1.0, "attn.7": 4.0, "mlp.7": 4.0}
+    with pytest.raises(ValueError, match="one per layer"):
+        SteerSpec.build([3, 7], ["attn"], multipliers=[1.0])
+    with pytest.raises(ValueError, match="unknown steering site"):
+        SteerSpec.build([3], ["atn"])
+
+
+def test_an_unknown_algorithm_names_the_closest_one():
+    with pytest.raises(ValueError, match="Did you mean 'steer'"):
+        build_algorithm("stear", AlgoSettings(task="lamp4"))
+
+
+def test_steering_algorithms_without_vectors_say_to_run_stage_04(tmp_path):
+    spec = SteerSpec.build([1], ["attn"])
+    for name in ("steer", "fints"):
+        with pytest.raises(FileNotFoundError, match="04_extract_vectors"):
+            build_algorithm(name, AlgoSettings(task="lamp4", steer=spec, vectors_dir=tmp_path))
+
+
+class RowSteer(ZeroShot):
+    """One distinct delta per row (row i gets i * unit), to check rows travel with samples."""
+
+    def __call__(self, samples: list[dict]) -> Prepared:
+        prepared = super().__call__(samples)
+        rows = torch.tensor([[float(s["id"][1:])] * 4 for s in samples])
+        prepared.deltas = {"attn.0": rows}
+        return prepared
+
+
+def test_records_carry_their_own_delta_row_and_cleaned_answer(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_generate(model, tok, messages, *, deltas, **kwargs):
+        seen.append((messages, deltas["attn.0"][:, 0].tolist()))
+        return [f"Headline: answer to {m.split(': ')[-1].split(chr(10))[0]}\nextra line" for m in messages]
+
+    monkeypatch.setattr(collect.generation, "generate", fake_generate)
+    samples = [{**SAMPLE, "id": f"s{i}", "user_id": f"u{i % 2}", "input": "x: " + "w" * i} for i in range(1, 6)]
+    with JsonlWriter(tmp_path / "g.jsonl") as writer:
+        summary = generate_records(None, None, RowSteer(AlgoSettings(task="lamp4")), samples, writer, task="lamp4",
+                                   algo_name="fints", batch_size=2, gen_kwargs={"max_new_tokens": 4})
+    for messages, rows in seen:  # batches are length-sorted and mix users
+        assert [float(len(m.split(": ")[-1].split("\n")[0])) for m in messages] == rows
+    records = {r["id"]: r for r in read_jsonl(tmp_path / "g.jsonl")}
+    assert sorted(records) == [f"s{i}" for i in range(1, 6)]
+    assert records["s3"]["generation"] == "answer to www" and records["s3"]["gold"] == "gold headline"
+    assert set(records["s3"]) == {"id", "user_id", "algo", "prompt", "generation", "gold"}
+    assert summary["n_generated"] == 5 and summary["n_resumed"] == 0
+
+
+def test_pwab_records_keep_type_target_and_timestamp(tmp_path, monkeypatch):
+    monkeypatch.setattr(collect.generation, "generate", lambda model, tok, messages, **kw: ['{"name": "search"}'] * len(messages))
+    monkeypatch.setattr("data_process.prompts.build_prompt", lambda task, sample, history, **kw: "ask")
+    sample = {**SAMPLE, "type": "search", "target": {"query": "red shoes"}, "timestamp": 17}
+    with JsonlWriter(tmp_path / "g.jsonl") as writer:
+        generate_records(None, None, ZeroShot(AlgoSettings(task="pwab")), [sample], writer, task="pwab",
+                         algo_name="zeroshot", batch_size=2, gen_kwargs={"max_new_tokens": 4})
+    (record,) = read_jsonl(tmp_path / "g.jsonl")
+    assert record["type"] == "search" and record["target"] == {"query": "red shoes"} and record["timestamp"] == 17
+    assert record["generation"] == '{"name": "search"}'

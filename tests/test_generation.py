@@ -1,0 +1,154 @@
+"""Batched generation: input order, equality with one-by-one decoding, output forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from collect import generation
+from collect.generation import clean_output, generate
+
+MESSAGES = [
+    "the quick brown fox",
+    "Generate a headline for the following article: Debian package maintainers write short descriptions.",
+    "json",
+    "A library for parsing JSON files and a tool to convert images between formats, user history item review.",
+    "steering vectors",
+]
+
+
+def test_batched_generation_keeps_input_order_and_equals_one_by_one_greedy(tiny_model):
+    model, tok = tiny_model
+    batched = generate(model, tok, MESSAGES, max_new_tokens=8, batch_size=3)
+    alone = [generate(model, tok, [m], max_new_tokens=8, batch_size=1)[0] for m in MESSAGES]
+    assert batched == alone
+    assert len(set(batched)) > 1  # the comparison is not trivially between identical texts
+
+
+def test_batch_size_does_not_change_greedy_results(tiny_llama):
+    model, tok = tiny_llama
+    assert (generate(model, tok, MESSAGES, max_new_tokens=6, batch_size=2)
+            == generate(model, tok, MESSAGES, max_new_tokens=6, batch_size=16))
+
+
+def test_empty_message_list_returns_empty_list(tiny_llama):
+    model, tok = tiny_llama
+    assert generate(model, tok, [], max_new_tokens=4) == []
+
+
+def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(tiny_llama):
+    model, tok = tiny_llama
+    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=5.0, batch_size=2)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first = generate(model, tok, MESSAGES, seed=7, **kwargs)
+    assert torch.rand(1) == before
+    assert generate(model, tok, MESSAGES, seed=7, **kwargs) == first
+    others = [generate(model, tok, MESSAGES, seed=s, **kwargs) for s in (8, 9)]
+    assert any(o != first for o in others)
+
+
+def test_a_shorter_max_new_tokens_gives_a_prefix_of_the_longer_answer(tiny_llama):
+    model, tok = tiny_llama
+    short = generate(model, tok, MESSAGES, max_new_tokens=3)
+    long = generate(model, tok, MESSAGES, max_new_tokens=10)
+    assert all(lo.startswith(sh) for sh, lo in zip(short, long))
+    assert any(len(lo) > len(sh) for sh, lo in zip(short, long))
+
+
+def test_text_after_a_rows_eos_is_never_returned(tiny_llama, monkeypatch):
+    model, tok = tiny_llama
+    real = model.generate
+    tail = tok(" fox", add_special_tokens=False)["input_ids"]
+
+    def generate_then_junk(*args, **kwargs):
+        out = real(*args, **kwargs)  # an EOS followed by tokens a buggy cut would keep
+        extra = torch.tensor([[tok.eos_token_id] + tail] * out.shape[0])
+        return torch.cat([out, extra], dim=1)
+
+    monkeypatch.setattr(model, "generate", generate_then_junk)
+    with_junk = generate(model, tok, MESSAGES, max_new_tokens=4)
+    monkeypatch.undo()
+    assert with_junk == generate(model, tok, MESSAGES, max_new_tokens=4)
+
+
+def test_per_row_deltas_must_have_one_row_per_message(tiny_llama):
+    model, tok = tiny_llama
+    with pytest.raises(ValueError, match="one row per message"):
+        generate(model, tok, MESSAGES, max_new_tokens=2, deltas={"attn.0": torch.zeros(2, 32)})
+
+
+def test_zero_deltas_give_the_unsteered_output(tiny_llama):
+    pytest.importorskip("steering.hooks")
+    model, tok = tiny_llama
+    plain = generate(model, tok, MESSAGES, max_new_tokens=6, batch_size=2)
+    zeros = {"attn.1": torch.zeros(len(MESSAGES), 32), "mlp.1": torch.zeros(len(MESSAGES), 32)}
+    assert generate(model, tok, MESSAGES, max_new_tokens=6, batch_size=2, deltas=zeros) == plain
+
+
+def test_large_deltas_on_one_row_change_only_that_row(tiny_llama):
+    pytest.importorskip("steering.hooks")
+    model, tok = tiny_llama
+    plain = generate(model, tok, MESSAGES, max_new_tokens=6, batch_size=2)
+    deltas = torch.zeros(len(MESSAGES), 32)
+    deltas[1] = 50.0 * torch.randn(32, generator=torch.Generator().manual_seed(0))
+    steered = generate(model, tok, MESSAGES, max_new_tokens=6, batch_size=2, deltas={"block.0": deltas})
+    assert steered[1] != plain[1]
+    assert [s for i, s in enumerate(steered) if i != 1] == [p for i, p in enumerate(plain) if i != 1]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("  A headline  \n", "A headline"),
+    ("assistant\nA headline", "A headline"),
+    ("Assistant: A headline", "A headline"),
+    ("<|im_start|>assistant\nA headline", "A headline"),
+    ("model\nA headline", "A headline"),
+    ("Model: a headline about models", "Model: a headline about models"),
+    ("", ""),
+])
+def test_raw_form_strips_and_drops_echoed_role_markers(text, expected):
+    assert clean_output(text, "raw") == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"name": "search", "arguments": {"query": "red shoes"}}', '{"name": "search", "arguments": {"query": "red shoes"}}'),
+    ('Sure! ```json\n{"a": 1}\n``` done', '{"a": 1}'),
+    ('The call is {"a": [1, 2]} and more {"b": 2}', '{"a": [1, 2]}'),
+    ('bad {start then {"ok": true}', '{"ok": true}'),
+])
+def test_json_form_takes_the_first_json_object(text, expected):
+    assert clean_output(text, "json") == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('print("hello world")', "hello world"),
+    ("```python\nprint('it\\'s here')\n```", "it's here"),
+    ('x = 1\nprint("a \\"quoted\\" word")', 'a "quoted" word'),
+])
+def test_python_form_takes_the_print_argument(text, expected):
+    assert clean_output(text, "python") == expected
+
+
+@pytest.mark.parametrize("form, text", [
+    ("json", "no json here"), ("json", '{"unclosed": 1'), ("json", "[1, 2, 3]"),
+    ("python", "print(x)"), ("python", 'print("unclosed)'), ("python", ""),
+])
+def test_malformed_outputs_become_empty_strings_and_are_counted(form, text):
+    generation.reset_malformed()
+    assert clean_output(text, form) == ""
+    assert generation.MALFORMED[form] == 1
+
+
+def test_unknown_form_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown output form"):
+        clean_output("x", "yaml")
+
+
+def test_generate_parses_forms_of_real_model_outputs_without_crashing(tiny_model):
+    model, tok = tiny_model
+    generation.reset_malformed()
+    out = generate(model, tok, MESSAGES, max_new_tokens=5, form="json")
+    assert len(out) == len(MESSAGES)
+    # Random tiny models do not write JSON: every miss is an empty string, counted.
+    assert generation.MALFORMED["json"] == sum(1 for o in out if o == "")

@@ -1,0 +1,112 @@
+"""Prompt builders: question first-class, history compact, budget respected."""
+
+from __future__ import annotations
+
+import pytest
+
+from data_process.prompts import build_prompt, postprocess
+
+ARTICLE = "Boxes is an extremely configurable filter for adding ASCII art around chunks of text."
+LAMP_SAMPLE = {"id": "u1-boxes", "user_id": "u1", "output": "box drawing filter", "history": [],
+               "input": f"Generate a headline for the following article: {ARTICLE}"}
+LONG_SAMPLE = {"id": "u1-boxes", "user_id": "u1", "output": ARTICLE, "history": [],
+               "input": 'Generate an abstract for the title "box drawing filter".'}
+HISTORY = [{"id": f"u1-h{i}", "input": f"article number {i} " + "word " * 60, "output": f"title {i}"}
+           for i in range(5)]
+
+
+def count(tok, text):
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_lamp4_prompt_without_history_is_the_question_alone():
+    prompt = build_prompt("lamp4", LAMP_SAMPLE, [])
+    assert prompt.startswith(f"Generate a headline for the following article: {ARTICLE}")
+    assert "Headline:" not in prompt
+
+
+def test_lamp4_history_items_are_listed_compactly_above_the_question():
+    prompt = build_prompt("lamp4", LAMP_SAMPLE, HISTORY[:2], max_prompt_tokens=10_000)
+    assert 'Headline: "title 0" for article: "article number 0 word' in prompt
+    assert prompt.index("title 0") < prompt.index("title 1") < prompt.index(ARTICLE)
+
+
+def test_history_items_given_as_whole_samples_lose_their_instruction_prefix():
+    as_sample = {"id": "u2-x", "input": "Generate a headline for the following article: some text",
+                 "output": "a title"}
+    prompt = build_prompt("lamp4", LAMP_SAMPLE, [as_sample])
+    assert 'Headline: "a title" for article: "some text"' in prompt
+
+
+def test_longlamp_prompt_asks_for_the_abstract_of_the_title_and_lists_abstracts():
+    item = {"id": "u1-h", "input": "tiny personal calendar", "output": "A minimalistic calendar."}
+    prompt = build_prompt("longlamp", LONG_SAMPLE, [item])
+    assert 'Abstract: "A minimalistic calendar." for title: "tiny personal calendar"' in prompt
+    assert prompt.rstrip().endswith('Generate an abstract for the title "box drawing filter".\n'
+                                    "Write only the abstract.")
+
+
+@pytest.mark.parametrize("budget", [40, 80, 150, 300])
+def test_truncation_fits_the_budget_and_never_cuts_the_question(tiny_llama, budget):
+    _, tok = tiny_llama
+    question = build_prompt("lamp4", LAMP_SAMPLE, [], tok)
+    prompt = build_prompt("lamp4", LAMP_SAMPLE, HISTORY, tok, max_prompt_tokens=budget)
+    assert prompt.endswith(question)
+    assert count(tok, prompt) <= max(budget, count(tok, question))
+
+
+def test_history_is_shortened_before_items_are_dropped(tiny_llama):
+    _, tok = tiny_llama
+    full = build_prompt("lamp4", LAMP_SAMPLE, HISTORY, tok, max_prompt_tokens=100_000)
+    prompt = build_prompt("lamp4", LAMP_SAMPLE, HISTORY, tok, max_prompt_tokens=count(tok, full) * 2 // 3)
+    assert all(f"title {i}" in prompt for i in range(5))  # all kept, each shorter
+    assert " ..." in prompt
+
+
+def test_least_relevant_items_are_dropped_first_under_a_tight_budget(tiny_llama):
+    _, tok = tiny_llama
+    question = build_prompt("lamp4", LAMP_SAMPLE, [], tok)
+    prompt = build_prompt("lamp4", LAMP_SAMPLE, HISTORY, tok, max_prompt_tokens=count(tok, question) + 120)
+    kept = [i for i in range(5) if f"title {i}" in prompt]
+    assert kept == list(range(len(kept))) and 0 < len(kept) < 5
+
+
+def test_a_question_longer_than_the_budget_is_kept_whole_without_history():
+    prompt = build_prompt("lamp4", LAMP_SAMPLE, HISTORY, max_prompt_tokens=3)
+    assert prompt == build_prompt("lamp4", LAMP_SAMPLE, [])
+
+
+def test_word_counts_stand_in_for_tokens_without_a_tokenizer():
+    prompt = build_prompt("longlamp", LONG_SAMPLE, HISTORY, max_prompt_tokens=120)
+    assert len(prompt.split()) <= 120
+
+
+def test_unknown_task_suggests_the_closest_one():
+    with pytest.raises(ValueError, match="Did you mean 'lamp4'"):
+        build_prompt("lamp5", LAMP_SAMPLE, [])
+
+
+def test_pwab_prompts_are_delegated_to_the_pwab_builder(monkeypatch):
+    import data_process.pwab as pwab
+
+    calls = []
+    monkeypatch.setattr(pwab, "build_pwab_prompt", lambda *args: calls.append(args) or "PWAB")
+    assert build_prompt("pwab", {"input": "x"}, [], None, 77) == "PWAB"
+    assert calls == [({"input": "x"}, [], None, 77)]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Headline: \"Box drawing filter\"\nmore text", "Box drawing filter"),
+    ("\n\n  **Headline:** Box drawing filter  ", "Box drawing filter"),
+    ("Headline:\n'Box drawing filter'", "Box drawing filter"),
+    ("“Box drawing filter”", "Box drawing filter"),
+    ("title: box", "box"),
+    ("", ""),
+])
+def test_headline_postprocess_takes_the_first_line_without_label_or_quotes(text, expected):
+    assert postprocess("lamp4", text) == expected
+
+
+def test_abstract_postprocess_keeps_all_text_and_pwab_keeps_text_unchanged():
+    assert postprocess("longlamp", "  line one\nline two \n") == "line one\nline two"
+    assert postprocess("pwab", ' {"name": "x"} ') == ' {"name": "x"} '

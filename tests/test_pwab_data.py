@@ -1,0 +1,175 @@
+"""PersonalWAB loader, function-calling prompt and tool-call parsing (data_process/pwab.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import pytest
+
+from data_process.pwab import (PARSE_FAILURES, TOOLS, ToolCall, build_pwab_prompt, call_text, format_tool_call,
+                               load_pwab, parse_tool_call, user_sequences)
+from tests.conftest import FIXTURES
+
+PWAB = FIXTURES / "pwab"
+COFFEE = "AGXK3COFFEE7Q"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_pwab(PWAB)
+
+
+def by_id(samples):
+    return {s["id"]: s for s in samples}
+
+
+def test_loader_reads_every_instruction_with_type_timestamp_and_target(bench):
+    assert (len(bench.train), len(bench.test), bench.errors) == (11, 6, [])
+    assert {s["type"] for s in bench.train} == {s["type"] for s in bench.test} == {"search", "recommend", "review"}
+    for s in bench.train + bench.test:
+        assert s["target"]["product_info"]["parent_asin"] and isinstance(s["timestamp"], int)
+        assert json.loads(s["output"])["name"] == {"search": "search_product_by_query",
+                                                   "recommend": "get_recommendations_by_history",
+                                                   "review": "add_product_review"}[s["type"]]
+
+
+def test_history_holds_only_behaviours_before_the_task_in_time_order(bench):
+    review = by_id(bench.test)["test-0"]  # the coffee user's 6th purchase (the skillet)
+    assert review["user_id"] == COFFEE
+    assert [h["asin"] for h in review["history"]] == ["B0KITC0002", "B0BOOK0004", "B0KITC0003",
+                                                      "B0KITC0001", "B0KITC0005"]
+    for s in bench.train + bench.test:
+        stamps = [h["timestamp"] for h in s["history"]]
+        assert stamps == sorted(stamps) and all(t < s["timestamp"] for t in stamps)
+    item = review["history"][0]
+    assert item["id"] == f"B0KITC0002@{item['timestamp']}" and item["rating"] == 5.0
+    assert item["output"].startswith("Brews a rich") and "French Press" in item["input"]
+
+
+def test_gold_calls_name_the_target_or_the_users_sequence(bench):
+    search = by_id(bench.train)["train-0"]
+    assert json.loads(search["output"]) == {"name": "search_product_by_query",
+                                            "arguments": {"query": "Baratza Encore Conical Burr Coffee Grinder"}}
+    rec = by_id(bench.train)["train-1"]
+    assert json.loads(rec["output"])["arguments"]["product_sequence"] == [h["asin"] for h in rec["history"]]
+    review = by_id(bench.test)["test-0"]
+    assert json.loads(review["output"])["arguments"]["review"] == review["target"]["review"]["text"]
+
+
+def test_history_samples_never_see_a_test_target():
+    bench = load_pwab(PWAB, include_history_samples=True)
+    extra = [s for s in bench.train if s.get("source") == "history"]
+    assert len(extra) == 36 - 17  # behaviours that are no task's target
+    spinner = next(s for s in extra if s["target"]["product_info"]["parent_asin"] == "B0KITC0006")
+    assert spinner["user_id"] == COFFEE and spinner["type"] == "review"
+    assert "B0KITC0004" not in [h["asin"] for h in spinner["history"]]  # the test task's skillet
+    assert len(spinner["history"]) == 5
+
+
+def test_user_sequences_are_time_ordered_asins():
+    seqs = user_sequences(PWAB)
+    assert len(seqs) == 6 and seqs[COFFEE][:2] == ["B0KITC0002", "B0BOOK0004"]
+
+
+def _copy(tmp_path):
+    shutil.copytree(PWAB, tmp_path / "pwab")
+    return tmp_path / "pwab"
+
+
+def test_a_bad_instruction_stops_with_file_record_and_field(tmp_path):
+    root = _copy(tmp_path)
+    raw = json.loads((root / "user_instructions.json").read_text())
+    del raw["train"][1]["type"]
+    raw["test"][0]["timestamp"] = "yesterday"
+    (root / "user_instructions.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"user_instructions.json: train\[1\]: field 'type'") as err:
+        load_pwab(root)
+    assert "test[0]: field 'timestamp'" in str(err.value)
+    bench = load_pwab(root, on_error="skip")
+    assert (len(bench.train), len(bench.test), len(bench.errors)) == (10, 5, 2)
+
+
+def test_a_bad_history_record_names_user_and_field(tmp_path):
+    root = _copy(tmp_path)
+    raw = json.loads((root / "user_history_part_1.json").read_text())
+    raw[COFFEE][6]["review"].pop("timestamp")
+    (root / "user_history_part_1.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=rf"user {COFFEE!r} behaviour 6: field 'review.timestamp'"):
+        load_pwab(root)
+    assert len(load_pwab(root, on_error="skip").errors) == 1
+
+
+def test_missing_files_are_named(tmp_path):
+    root = _copy(tmp_path)
+    (root / "user_history_part_1.json").unlink()
+    with pytest.raises(FileNotFoundError, match="user_history_part"):
+        load_pwab(root)
+    with pytest.raises(FileNotFoundError, match="user_instructions.json"):
+        load_pwab(tmp_path)
+
+
+def test_prompt_lists_tools_history_request_and_review_product(bench):
+    review = by_id(bench.test)["test-0"]
+    prompt = build_pwab_prompt(review, review["history"][:2])
+    for name in TOOLS:
+        assert name in prompt
+    assert '"product_sequence": {"type": "array"' in prompt
+    assert "[1] B0KITC0002 | Bodum Chambord French Press Coffee Maker 34 oz | Amazon Home | rated 5/5" in prompt
+    assert "[3]" not in prompt and review["input"] in prompt
+    assert "Product to review: Lodge Cast Iron Skillet" in prompt
+    bare = build_pwab_prompt(review, [])
+    assert "past purchases" not in bare and bare.endswith("with arguments for this request.")
+    examples = [parse_tool_call(line) for line in bare.splitlines() if "Example:" in line]
+    assert [c.name for c in examples] == list(TOOLS)  # every example is itself a valid call
+
+
+def test_prompt_drops_the_least_relevant_items_to_fit_the_budget(bench, tiny_llama):
+    _, tok = tiny_llama
+    s = by_id(bench.test)["test-0"]
+    full = build_pwab_prompt(s, s["history"], tok, max_prompt_tokens=10**6)
+    budget = len(tok(build_pwab_prompt(s, s["history"][:2], tok, 10**6), add_special_tokens=False)["input_ids"])
+    short = build_pwab_prompt(s, s["history"], tok, max_prompt_tokens=budget)
+    assert "[5]" in full and "[2]" in short and "[3]" not in short
+
+
+GOOD = '{"name": "search_product_by_query", "arguments": {"query": "burr grinder"}}'
+
+
+@pytest.mark.parametrize("text", [
+    GOOD,
+    f"Sure! Here is the call:\n```json\n{GOOD}\n```\nHope it helps.",
+    '{"tool_call": ' + GOOD + "}",
+    '{"name": "search_product_by_query", "arguments": "{\\"query\\": \\"burr grinder\\"}"}',
+])
+def test_good_fenced_and_wrapped_calls_parse(text):
+    assert parse_tool_call(text) == ToolCall("search_product_by_query", {"query": "burr grinder"})
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("I would search for a grinder.", "no_json"),
+    ('{"name": "search_product_by_query", "arguments": {"query": "burr', "no_json"),
+    ('{"arguments": {"query": "x"}}', "missing_name"),
+    ('{"name": "buy_now", "arguments": {}}', "unknown_tool"),
+    ('{"name": "add_product_review", "arguments": ["great"]}', "bad_arguments"),
+    ('{"name": "add_product_review", "arguments": {"text": "great"}}', "missing_argument"),
+    ('{"name": "get_recommendations_by_history", "arguments": {"product_sequence": "B0KITC0001"}}',
+     "wrong_argument_type"),
+    (None, "no_json"),
+])
+def test_malformed_calls_are_counted_failures_not_crashes(text, reason):
+    failures, before = Counter(), PARSE_FAILURES[reason]
+    assert parse_tool_call(text, failures) is None
+    assert failures == Counter({reason: 1}) and PARSE_FAILURES[reason] == before + 1
+
+
+def test_canonical_call_text_round_trips():
+    call = ToolCall("get_recommendations_by_history", {"product_sequence": ["B1", "B2"]})
+    assert parse_tool_call(format_tool_call(call)) == call
+
+
+def test_call_text_finds_the_call_after_an_echoed_schema():
+    echoed = 'Arguments: {"query": {"type": "string"}}\nSo: ' + GOOD + " done"
+    assert call_text(echoed) == format_tool_call(ToolCall("search_product_by_query", {"query": "burr grinder"}))
+    assert call_text("  no call here ") == "no call here"

@@ -1,0 +1,161 @@
+"""PersonalWAB pair collection: successful own-history calls vs. failing other-history calls."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from collect.pairs import CollectPairsConfig
+from collect.pwab_pairs import collect_pwab_pairs
+from data_process.pwab import ToolCall, build_pwab_prompt, format_tool_call, load_pwab
+from tests.conftest import FIXTURES
+
+PWAB = FIXTURES / "pwab"
+REC_TARGETS = ["B0SPRT0006", "B0ELEC0006", "B0BOOK0003", "B0KITC0005", "B0PETS0001"]
+
+
+class FakeEnv:
+    """Search finds a product by its exact title; recommend knows the recommend targets."""
+
+    def __init__(self, bench):
+        self.titles = {s["target"]["product_info"]["title"]: s["target"]["product_info"]["parent_asin"]
+                       for s in bench.train + bench.test}
+
+    def run(self, call):
+        if call.name == "search_product_by_query":
+            found = self.titles.get(call.arguments["query"])
+            return [found, "B0X1", "B0X2"] if found else []
+        if call.name == "get_recommendations_by_history":
+            return REC_TARGETS if call.arguments["product_sequence"] else []
+        return call.arguments["review"]
+
+
+class OneHotEncoder:
+    """Equal texts get cosine 1, different texts 0."""
+
+    def __init__(self):
+        self.seen: dict[str, int] = {}
+
+    def encode(self, texts):
+        import torch
+
+        out = torch.zeros(len(texts), 512)
+        for i, t in enumerate(texts):
+            out[i, self.seen.setdefault(t, len(self.seen))] = 1.0
+        return out
+
+
+class FakeWriter:
+    def __init__(self):
+        self.pairs, self.markers, self.done_ids = [], [], set()
+
+    def write(self, record):
+        self.pairs.append(record)
+
+    def mark_done(self, sample_id, **counts):
+        self.markers.append({"sample_id": sample_id, **counts})
+        self.done_ids.add(sample_id)
+
+
+def fake_model(bench):
+    """Answers like a model: good calls from the user's own history, poor ones otherwise."""
+    samples = {s["input"]: s for s in bench.train}
+    prompts = []
+
+    def generate(messages):
+        prompts.extend(messages)
+        out = []
+        for m in messages:
+            s = samples[re.search(r"User request: (.*)", m).group(1)]
+            own = bool(s["history"]) and f"[1] {s['history'][0]['asin']} |" in m
+            title = s["target"]["product_info"]["title"]
+            if s["user_id"] == "ANQ5DOGMOM9PW" and not own:
+                out.append("Sorry, I cannot help with that.")          # unparseable
+            elif s["type"] == "search":
+                query = title if own and s["user_id"] != "AKL2YOGASKIN8" else "something else"
+                out.append("```json\n" + format_tool_call(ToolCall("search_product_by_query", {"query": query}))
+                           + "\n```" if own else format_tool_call(ToolCall("get_recommendations_by_history",
+                                                                           {"product_sequence": []})))
+            elif s["type"] == "recommend":
+                seq = [h["asin"] for h in s["history"]] if own else []
+                out.append(format_tool_call(ToolCall("get_recommendations_by_history", {"product_sequence": seq})))
+            else:
+                out.append(format_tool_call(ToolCall("add_product_review", {"review": "zzz"})))
+        return out
+
+    return generate, prompts
+
+
+@pytest.fixture()
+def run():
+    bench = load_pwab(PWAB)
+    cfg = CollectPairsConfig(task="pwab", k=3, num_neg_per_user=2, samples_per_chunk=4, positive_k=5)
+    generate, prompts = fake_model(bench)
+    writer = FakeWriter()
+    summary = collect_pwab_pairs(cfg, bench.train, bench.train, None, None, writer, set(), generate_fn=generate,
+                                 env=FakeEnv(bench), encoder=OneHotEncoder())
+    return bench, cfg, writer, summary, prompts, generate
+
+
+def test_positives_are_correct_own_history_calls_or_the_gold_review(run):
+    bench, _, writer, summary, _, _ = run
+    by_sample = {p["sample_id"]: p for p in writer.pairs}
+    types = {s["id"]: s["type"] for s in bench.train}
+    assert {types[i] for i in by_sample} == {"search", "recommend", "review"}
+    for s in bench.train:
+        if s["id"] not in by_sample:
+            continue
+        chosen = json.loads(by_sample[s["id"]]["chosen"])
+        if s["type"] == "review":
+            assert by_sample[s["id"]]["chosen"] == s["output"]  # the gold review, same JSON shape
+        elif s["type"] == "search":
+            assert chosen["arguments"]["query"] == s["target"]["product_info"]["title"]
+        else:
+            assert chosen["arguments"]["product_sequence"] == [h["asin"] for h in s["history"]]
+    # the yoga user's own-history search missed its target: no positive, no pair
+    yoga = next(s["id"] for s in bench.train if s["user_id"] == "AKL2YOGASKIN8" and s["type"] == "search")
+    assert yoga not in by_sample
+    assert summary["pwab"]["positives"] == 10
+
+
+def test_negatives_are_failing_calls_from_other_users_histories(run):
+    bench, cfg, writer, summary, _, _ = run
+    # the dog owner's other-history answers are unparseable: neither of her samples pairs up
+    assert len(writer.pairs) == 8  # 2 search + 3 recommend + 3 review
+    for p in writer.pairs:
+        rejected = json.loads(p["rejected"])
+        assert set(rejected) == {"name", "arguments"} and p["rejected_score"] < 0.51
+        assert p["chosen"] != p["rejected"] and p["pair_id"].startswith(p["sample_id"] + "-n")
+        assert "past purchases" not in p["prompt"]  # the pair prompt carries no history
+        sample = next(s for s in bench.train if s["id"] == p["sample_id"])
+        assert p["prompt"] == build_pwab_prompt(sample, [], None, cfg.max_prompt_tokens)
+    totals = summary["totals"]
+    assert totals["samples"] == 11 and totals["kept"] == 8 and totals["tries"] == 20
+    assert totals["dropped_empty"] == 4 and totals["dropped_duplicate"] == 8  # greedy answers repeat
+    assert summary["pwab"]["parse_failures"] == {"no_json": 4}
+    assert summary["users_without_pairs"] == ["ANQ5DOGMOM9PW"]
+
+
+def test_negative_prompts_use_other_users_history(run):
+    bench, cfg, _, _, prompts, _ = run
+    negatives = 0
+    for m in prompts:
+        s = next(x for x in bench.train if f"User request: {x['input']}" in m)
+        listed = re.findall(r"^\[\d+\] (\S+) \|", m, re.M)
+        if listed == [h["asin"] for h in s["history"][:cfg.positive_k]]:
+            continue  # the positive's prompt: the user's own history
+        donors = [x for x in bench.train if x["user_id"] != s["user_id"]
+                  and listed == [h["asin"] for h in x["history"][:cfg.k]]]
+        assert donors, f"prompt of {s['id']} lists {listed}, no other user's history"
+        negatives += 1
+    assert negatives == 2 * 10  # two tries for each sample with a positive
+
+
+def test_finished_samples_are_not_collected_again(run):
+    bench, cfg, writer, _, _, generate = run
+    again = FakeWriter()
+    collect_pwab_pairs(cfg, bench.train, bench.train, None, None, again, set(writer.done_ids),
+                       generate_fn=generate, env=FakeEnv(bench), encoder=OneHotEncoder())
+    assert again.pairs == [] and again.markers == []
