@@ -53,7 +53,7 @@ class CollectPairsConfig(CommonConfig):
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with --do_sample)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (with --do_sample)"})
     max_samples: int = field(default=0, metadata={"help": "collect for the first N training samples only (0 = all; for quick runs)"})
-    search_threshold: float = field(default=0.65, metadata={"help": "PersonalWAB: a search query whose similarity to the gold query is below this is a negative"})
+    search_threshold: float = field(default=0.65, metadata={"help": "PersonalWAB: a search call is correct when its result score 1 - rank/len(results) exceeds this"})
     recommend_in_list: bool = field(default=True, metadata={"help": "PersonalWAB: a recommendation counts as correct when the target is in the returned list"})
     review_threshold: float = field(default=0.51, metadata={"help": "PersonalWAB: a review whose similarity to the gold review is below this is a negative"})
     positive_k: int = field(default=5, metadata={"help": "PersonalWAB: history items in the prompt that collects positives"})

@@ -152,8 +152,14 @@ def _headline(text: str) -> str:
 POSTPROCESS: dict[str, Callable[[str], str]] = {
     "lamp4": _headline,
     "longlamp": lambda text: text.strip(),
-    "pwab": lambda text: text,
+    "pwab": lambda text: _pwab_call(text),
 }
+
+
+def _pwab_call(text: str) -> str:
+    from data_process.pwab import call_text  # PersonalWAB module, imported on use
+
+    return call_text(text)
 
 
 def postprocess(task: str, text: str) -> str:

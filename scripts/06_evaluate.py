@@ -66,8 +66,10 @@ def main(cfg: EvaluateConfig) -> dict[str, dict]:
         raise FileNotFoundError(f"no finished generation runs to evaluate under {cfg.run_dir} (split {cfg.split})")
     scores = {name: _score(cfg, run) for name, run in runs.items()}
     if cfg.task == "pwab":
-        for name, s in scores.items():
-            print(f"[06_evaluate] {name}: {s.get('overall')}")
+        from eval.pwab_eval import PWAB_METRICS
+
+        rows = {name: s["overall"] for name, s in scores.items()}
+        print(f"\nResults on {cfg.split} (pwab):\n{report.results_table(rows, metrics=PWAB_METRICS)}\n")
         return scores
     if any("meteor_unavailable" in s for s in scores.values()):
         print("[06_evaluate] METEOR unavailable (WordNet not found; run scripts/setup.sh): reporting ROUGE only")

@@ -26,6 +26,11 @@ stage() {  # stage LABEL MODULE [flags...]: run one stage and record its wall ti
 
 stage "01 select users" 01_select_users
 stage "02 rank history" 02_rank_history
+TASK=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("task", ""))' "$CONFIG")
+if [ "$TASK" = pwab ]; then
+  # PersonalWAB's tool environment (recommendations) is needed by pair collection and scoring.
+  stage "00 train SASRec" train_sasrec
+fi
 stage "03 collect pairs" 03_collect_pairs
 stage "04 extract vectors" 04_extract_vectors
 for split in $SPLITS; do

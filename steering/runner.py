@@ -25,7 +25,7 @@ from steering.algorithms import ZeroShot
 
 log = logging.getLogger(__name__)
 
-TASK_FORM = {"lamp4": "raw", "longlamp": "raw", "pwab": "json"}
+TASK_FORM = {"lamp4": "raw", "longlamp": "raw", "pwab": "raw"}  # pwab: the call is parsed by postprocess
 TASK_MAX_NEW_TOKENS = {"lamp4": 32, "longlamp": 256, "pwab": 128}
 PWAB_FIELDS = ("type", "target", "timestamp")
 

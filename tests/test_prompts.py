@@ -107,6 +107,8 @@ def test_headline_postprocess_takes_the_first_line_without_label_or_quotes(text,
     assert postprocess("lamp4", text) == expected
 
 
-def test_abstract_postprocess_keeps_all_text_and_pwab_keeps_text_unchanged():
+def test_abstract_postprocess_keeps_all_text_and_pwab_keeps_the_canonical_call():
     assert postprocess("longlamp", "  line one\nline two \n") == "line one\nline two"
-    assert postprocess("pwab", ' {"name": "x"} ') == ' {"name": "x"} '
+    fenced = 'Sure:\n```json\n{"name": "add_product_review", "arguments": {"review": "Great."}}\n```'
+    assert postprocess("pwab", fenced) == '{"name": "add_product_review", "arguments": {"review": "Great."}}'
+    assert postprocess("pwab", " not a call ") == "not a call"  # kept, so scoring counts the failure
