@@ -18,6 +18,7 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -52,16 +53,18 @@ def _malformed(form: str, text: str) -> str:
     return ""
 
 
-def _first_json_object(text: str) -> str | None:
+def json_objects(text: str) -> Iterator[tuple[dict, str]]:
+    """Every JSON object in ``text`` as ``(object, its source text)``: the contents of
+    ```json fences first, then the whole text, each scanned left to right."""
     decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", text):
-        try:
-            obj, end = decoder.raw_decode(text, match.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            return text[match.start():end]
-    return None
+    for candidate in [m.group(1) for m in _JSON_FENCE.finditer(text)] + [text]:
+        for match in re.finditer(r"\{", candidate):
+            try:
+                obj, end = decoder.raw_decode(candidate, match.start())
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                yield obj, candidate[match.start():end]
 
 
 def clean_output(text: str, form: str = "raw") -> str:
@@ -84,10 +87,8 @@ def clean_output(text: str, form: str = "raw") -> str:
     if form == "raw":
         return text
     if form == "json":
-        for candidate in [m.group(1) for m in _JSON_FENCE.finditer(text)] + [text]:
-            found = _first_json_object(candidate)
-            if found is not None:
-                return found
+        for _, source in json_objects(text):
+            return source
         return _malformed(form, text)
     match = _PRINT_CALL.search(text)
     if match:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,23 +303,16 @@ class ToolCall:
 
 # Why each unparseable generation failed, counted over the process (see reset_failures).
 PARSE_FAILURES: Counter = Counter()
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
 def reset_failures() -> None:
     PARSE_FAILURES.clear()
 
 
-def _json_objects(text: str):
-    decoder = json.JSONDecoder()
-    for candidate in [m.group(1) for m in _FENCE.finditer(text)] + [text]:
-        for m in re.finditer(r"\{", candidate):
-            try:
-                obj, _ = decoder.raw_decode(candidate, m.start())
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                yield obj
+def _json_objects(text: str) -> Iterator[dict]:
+    from collect.generation import json_objects  # one JSON scanner for every output form
+
+    return (obj for obj, _ in json_objects(text))
 
 
 def _as_call(obj: dict[str, Any]) -> tuple[ToolCall | None, str]:

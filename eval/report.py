@@ -145,6 +145,12 @@ def plot_sweep(points: list[dict[str, float]], path: str | Path, metric: str = "
     ax.set_ylabel(METRIC_NAMES.get(metric, metric))
     ax.set_title(f"fints: {METRIC_NAMES.get(metric, metric)} vs multiplier")
     ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,12 +176,7 @@ def plot_runs(rows: dict[str, dict[str, float]], path: str | Path,
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(metrics))])
     ax.set_xticklabels([METRIC_NAMES.get(m, m) for m in metrics])
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def evaluate_run(gen_dir: str | Path, *, task: str, config: Any, data_dir: str = "",

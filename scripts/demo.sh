@@ -7,10 +7,7 @@
 # the seconds each stage took.  Artifacts go to runs/demo/ (delete it to start over).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ] || [ ! -f models/smollm2-135m-instruct/config.json ] \
-   || [ ! -f nltk_data/corpora/wordnet/lexnames ]; then
-  bash scripts/setup.sh
-fi
+bash scripts/setup.sh  # idempotent: seconds when everything is already there
 start=$(date +%s)
 bash scripts/run.sh configs/demo.json
 echo "Demo wall time: $(( $(date +%s) - start )) s"
