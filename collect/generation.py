@@ -23,7 +23,8 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from steering.model import chat_prompt
+from steering.hooks import add_vectors
+from steering.model import chat_prompt, left_pad
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +118,6 @@ def _cut_at_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
     return tokens
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _check_deltas(deltas: dict[str, torch.Tensor] | None, n: int) -> None:
     for key, value in (deltas or {}).items():
         if value.dim() != 2 or value.shape[0] != n:
@@ -173,7 +163,7 @@ def generate(model, tok, messages: list[str], *, max_new_tokens: int, batch_size
     starts = range(0, len(order), batch_size)
     for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", leave=False)):
         rows = order[start:start + batch_size]
-        ids, mask = _left_pad([encoded[i] for i in rows], pad_id, device)
+        ids, mask = left_pad([encoded[i] for i in rows], pad_id, device)
         texts = _generate_batch(model, ids, mask, kwargs, deltas, rows, positions, seed + b)
         for i, new_tokens in zip(rows, texts):
             new_tokens = _cut_at_eos(new_tokens.tolist(), kwargs["eos_token_id"])
@@ -188,8 +178,6 @@ def _generate_batch(model, ids, mask, kwargs, deltas, rows, positions, seed) -> 
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         if deltas:
-            from steering.hooks import add_vectors  # written in parallel; imported on use
-
             index = torch.tensor(rows, dtype=torch.long)
             batch_deltas = {k: v[index].to(ids.device) for k, v in deltas.items()}
             with add_vectors(model, batch_deltas, positions=positions, prompt_length=ids.shape[1]):

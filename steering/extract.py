@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from steering.hooks import StopForward, hidden_size, parse_key, record_activations, stop_after_layer
-from steering.model import chat_prompt
+from steering.model import chat_prompt, left_pad
 
 KINDS = ("diff", "pos", "neg")
 PAIR_FIELDS = ("pair_id", "user_id", "sample_id", "prompt", "chosen", "rejected")
@@ -63,16 +63,6 @@ def encode_pair(tok, pair: dict, max_answer_tokens: int) -> tuple[Sequence, Sequ
     return out[0], out[1]
 
 
-def _padded(seqs: list[Sequence], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s.ids) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s.ids):] = torch.tensor(s.ids)
-        mask[row, width - len(s.ids):] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.inference_mode()
 def answer_means(model, seqs: list[Sequence], keys: list[str], pad_id: int, batch_size: int = 16,
                  progress: bool = True) -> dict[str, torch.Tensor]:
@@ -94,7 +84,7 @@ def answer_means(model, seqs: list[Sequence], keys: list[str], pad_id: int, batc
         for start in tqdm(starts, desc="extract", unit="batch", disable=not progress, leave=False):
             rows = order[start:start + batch_size]
             chunk = [seqs[i] for i in rows]
-            ids, mask = _padded(chunk, pad_id, device)
+            ids, mask = left_pad([s.ids for s in chunk], pad_id, device)
             lengths = [len(s.ids) - s.answer_start for s in chunk]
             span = max(lengths)  # from Python ints: no device sync
             counts = torch.tensor(lengths, device=device)

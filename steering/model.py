@@ -69,6 +69,18 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
     return model, tok
 
 
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into ``(input_ids, attention_mask)`` ``[len(rows), longest]``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def model_name(model) -> str:
     """A stable name for a model: its directory name (used in vector metadata)."""
     return Path(str(model.config.name_or_path)).name
