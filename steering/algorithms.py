@@ -133,6 +133,16 @@ class Rag(ZeroShot):
         return sample["history"][: self.settings.history_k]
 
 
+def _stage04_file(settings: AlgoSettings, algo: str, name: str, what: str) -> Path:
+    """The stage-04 file a steering algorithm needs, with clear errors when it cannot run."""
+    if settings.steer is None:
+        raise ValueError(f"algorithm {algo!r} needs steering layers and sites")
+    path = Path(settings.vectors_dir) / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no {what} (run scripts/04_extract_vectors first)")
+    return path
+
+
 class GlobalSteer(Rag):
     """RAG prompt + the user's global steering vector (one vector per user)."""
 
@@ -140,13 +150,9 @@ class GlobalSteer(Rag):
 
     def __init__(self, settings: AlgoSettings):
         super().__init__(settings)
-        if settings.steer is None:
-            raise ValueError("algorithm 'steer' needs steering layers and sites")
         from steering.vectors import load_user_vectors
 
-        path = Path(settings.vectors_dir) / "user_vectors.safetensors"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no per-user vectors (run scripts/04_extract_vectors first)")
+        path = _stage04_file(settings, "steer", "user_vectors.safetensors", "per-user vectors")
         self.user_vectors = load_user_vectors(path, settings.vec_strategy, settings.steer.keys,
                                               model=settings.model)
 
@@ -171,14 +177,10 @@ class Fints(Rag):
 
     def __init__(self, settings: AlgoSettings):
         super().__init__(settings)
-        if settings.steer is None:
-            raise ValueError("algorithm 'fints' needs steering layers and sites")
         from steering.aggregate import PairAggregator
         from steering.vectors import VectorStore
 
-        path = Path(settings.vectors_dir) / "vectors.safetensors"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no pair vectors (run scripts/04_extract_vectors first)")
+        path = _stage04_file(settings, "fints", "vectors.safetensors", "pair vectors")
         store = VectorStore.load(path, model=settings.model, keys=settings.steer.keys)
         self.aggregator = PairAggregator(store, settings.steer.keys, top_k=settings.top_k,
                                          weighting=settings.weighting,
