@@ -1,0 +1,12 @@
+"""Contrast-pair collection (stage 03), one collector per kind of task.
+
+A task names its collector (``Task.pair_collector``); every collector is
+``collector(cfg, task, samples, other_samples, model, tok, writer) -> summary``.
+"""
+
+from __future__ import annotations
+
+from collect.pairs import collect_text_pairs
+from collect.pwab_pairs import collect_pwab_pairs
+
+COLLECTORS = {"rouge": collect_text_pairs, "tool_calls": collect_pwab_pairs}

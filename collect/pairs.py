@@ -1,6 +1,6 @@
 """Stage 03 library: contrast pairs (gold output vs. the model's output without the user).
 
-For every training sample, ``num_neg_per_user`` tries prompt the model with ``k``
+For every training sample, ``num_neg_per_user`` tries prompt the model with ``history_k``
 history items of OTHER users (``rag="others"``, seeded per sample) or with the user's
 own ranked history (``rag="history"``); a try whose answer has ROUGE-L F1 below the
 task threshold against the gold becomes a pair's ``rejected`` side, the gold its
@@ -15,58 +15,25 @@ duplicates nor gaps.  The generator is injected, so tests use a fake one.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from data_process.artifacts import JsonlWriter, read_jsonl, write_jsonl
-from data_process.config import CommonConfig, choose
-from data_process.prompts import DEFAULT_MAX_PROMPT_TOKENS, build_prompt, postprocess
+from data_process.config import choose
 from eval.metrics import rouge_l
+from steering.generation import generate
+from tasks import Task
+from tasks.base import DEFAULT_MAX_PROMPT_TOKENS
 
-# ROUGE-L F1 under which a try counts as "not the user's answer" (task defaults).
-THRESHOLDS = {"lamp4": 0.15, "longlamp": 0.2}
-MAX_NEW_TOKENS = {"lamp4": 32, "longlamp": 200, "pwab": 128}
 RAG_MODES = ("others", "history")
 SCORE_CUTS = (0.15, 0.2, 0.3, 0.4, 0.5)
-
-
-@dataclass
-class CollectPairsConfig(CommonConfig):
-    """Stage 03 settings (config section ``collect_pairs``)."""
-
-    collect_model: str = field(default="", metadata={"help": "model that writes the negatives (local dir); empty = `model`"})
-    num_neg_per_user: int = field(default=2, metadata={"help": "generation tries per training sample (each may become one pair)"})
-    k: int = field(default=5, metadata={"help": "history items in each try's prompt"})
-    rag: str = field(default="others", metadata={"help": "history of a try: others (random samples of other users) | history (the user's own ranked history)"})
-    threshold: float | None = field(default=None, metadata={"help": "keep a try when its ROUGE-L F1 vs the gold is below this (default: lamp4 0.15, longlamp 0.2)"})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "generation length (default: lamp4 32, longlamp 200, pwab 128)"})
-    batch_size: int = field(default=16, metadata={"help": "prompts per generation batch"})
-    samples_per_chunk: int = field(default=64, metadata={"help": "samples whose tries are generated together (the resume granularity)"})
-    max_prompt_tokens: int = field(default=DEFAULT_MAX_PROMPT_TOKENS, metadata={"help": "token budget of a prompt; history is shortened/dropped to fit"})
-    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with --do_sample)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (with --do_sample)"})
-    max_samples: int = field(default=0, metadata={"help": "collect for the first N training samples only (0 = all; for quick runs)"})
-    search_threshold: float = field(default=0.65, metadata={"help": "PersonalWAB: a search call is correct when its result score 1 - rank/len(results) exceeds this"})
-    recommend_in_list: bool = field(default=True, metadata={"help": "PersonalWAB: a recommendation counts as correct when the target is in the returned list"})
-    review_threshold: float = field(default=0.51, metadata={"help": "PersonalWAB: a review whose similarity to the gold review is below this is a negative"})
-    positive_k: int = field(default=5, metadata={"help": "PersonalWAB: history items in the prompt that collects positives"})
-
-    def resolved_threshold(self) -> float:
-        if self.threshold is not None:
-            return self.threshold
-        if self.task not in THRESHOLDS:
-            raise ValueError(f"no default ROUGE-L threshold for task {self.task!r}; pass --threshold")
-        return THRESHOLDS[self.task]
-
-    def resolved_max_new_tokens(self) -> int:
-        return self.max_new_tokens or MAX_NEW_TOKENS.get(self.task, 64)
 
 
 class PairWriter:
@@ -131,7 +98,7 @@ def try_histories(sample: dict, pool: list[dict], *, k: int, tries: int, rag: st
 class PairSettings:
     """What :func:`collect_pairs` needs from the stage config."""
 
-    task: str
+    task: Task
     k: int = 5
     tries: int = 2
     rag: str = "others"
@@ -141,10 +108,27 @@ class PairSettings:
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
 
     @classmethod
-    def from_config(cls, cfg: CollectPairsConfig) -> PairSettings:
-        return cls(task=cfg.task, k=cfg.k, tries=cfg.num_neg_per_user, rag=cfg.rag,
-                   threshold=cfg.resolved_threshold(), seed=cfg.seed,
+    def from_config(cls, cfg: Any, task: Task) -> PairSettings:
+        """From the stage-03 config (``stages.collect_pairs.CollectPairsConfig``)."""
+        if cfg.threshold is None:
+            raise ValueError(f"task {task.name!r} has no default ROUGE-L threshold; pass --threshold")
+        return cls(task=task, k=cfg.history_k, tries=cfg.num_neg_per_user, rag=cfg.rag,
+                   threshold=cfg.threshold, seed=cfg.seed,
                    samples_per_chunk=cfg.samples_per_chunk, max_prompt_tokens=cfg.max_prompt_tokens)
+
+
+def generator_for(cfg: Any, model, tok, desc: str) -> Callable[[list[str]], list[str]]:
+    """Messages -> answers with the stage-03 decoding settings of ``cfg``."""
+    return functools.partial(generate, model, tok, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                             do_sample=cfg.do_sample, temperature=cfg.sampling_temperature, top_p=cfg.top_p,
+                             seed=cfg.seed, desc=desc)
+
+
+def collect_text_pairs(cfg: Any, task: Task, samples: list[dict], other_samples: list[dict], model, tok,
+                       writer: PairWriter) -> dict[str, Any]:
+    """Stage 03 for a text task: tries judged by ROUGE-L against the gold."""
+    return collect_pairs(samples, other_samples, generator_for(cfg, model, tok, "generate negatives"),
+                         PairSettings.from_config(cfg, task), writer, tokenizer=tok)
 
 
 def _judge(sample: dict, answers: list[str], s: PairSettings, prompt: str) -> tuple[list[dict], dict]:
@@ -152,7 +136,7 @@ def _judge(sample: dict, answers: list[str], s: PairSettings, prompt: str) -> tu
     counts: Counter = Counter(tries=len(answers))
     records, seen, scores = [], set(), []
     for t, answer in enumerate(answers):
-        answer = postprocess(s.task, answer).strip()
+        answer = s.task.postprocess(answer).strip()
         if not answer:
             counts["dropped_empty"] += 1
             continue
@@ -176,8 +160,7 @@ def collect_pairs(samples: list[dict], other_samples: list[dict], generator: Cal
                   settings: PairSettings, writer: PairWriter, tokenizer=None) -> dict[str, Any]:
     """Collect pairs for the samples ``writer`` has not finished; return the run summary.
 
-    ``generator`` maps user messages to answers (in order), e.g. a partial of
-    :func:`collect.generation.generate`.  All tries of ``samples_per_chunk`` samples go
+    ``generator`` maps user messages to answers (in order), e.g. :func:`generator_for`.  All tries of ``samples_per_chunk`` samples go
     to it in one call, so it can batch across samples.
     """
     choose("rag mode", settings.rag, dict.fromkeys(RAG_MODES))
@@ -190,12 +173,12 @@ def collect_pairs(samples: list[dict], other_samples: list[dict], generator: Cal
         for sample in chunk:
             for history in try_histories(sample, pools.get(sample["user_id"], []), k=settings.k,
                                          tries=settings.tries, rag=settings.rag, seed=settings.seed):
-                messages.append(build_prompt(settings.task, sample, history, tokenizer, settings.max_prompt_tokens))
+                messages.append(settings.task.prompt(sample, history, tokenizer, settings.max_prompt_tokens))
         answers = generator(messages)
         if len(answers) != len(messages):
             raise RuntimeError(f"generator returned {len(answers)} answers for {len(messages)} prompts")
         for j, sample in enumerate(chunk):
-            prompt = build_prompt(settings.task, sample, [], tokenizer, settings.max_prompt_tokens)
+            prompt = settings.task.prompt(sample, [], tokenizer, settings.max_prompt_tokens)
             tries = answers[j * settings.tries:(j + 1) * settings.tries]
             records, counts = _judge(sample, tries, settings, prompt)
             for record in records:

@@ -22,7 +22,6 @@ positive's result score.  Generation, environment and encoder are injectable (te
 
 from __future__ import annotations
 
-import functools
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -31,11 +30,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from collect.pairs import other_users_pools, summarize
+from collect.pairs import generator_for, other_users_pools, summarize
 from data_process.artifacts import read_jsonl
-from data_process.pwab import TYPES, ToolCall, build_pwab_prompt, format_tool_call, parse_tool_call
 from eval.metrics import rouge_l
+from eval.pwab_env import PwabEnv, default_cache_dir
 from eval.pwab_eval import score_calls, target_review
+from eval.pwab_tools import TYPES, ToolCall, format_tool_call, parse_tool_call
+from tasks import Task
 
 
 def _good(cfg, kind: str, score: float) -> bool:
@@ -55,7 +56,7 @@ def _judged(cfg, samples: list[dict], texts: list[str], env, encoder, failures: 
     return [(c, bool(f) and _good(cfg, s["type"], a), a) for c, s, (f, a) in zip(calls, samples, scores)]
 
 
-def _positives(cfg, chunk, generate, env, encoder, tok, failures) -> dict[str, tuple[str, float]]:
+def _positives(cfg, task, chunk, generate, env, encoder, tok, failures) -> dict[str, tuple[str, float]]:
     """sample id -> (canonical positive call, its score)."""
     out: dict[str, tuple[str, float]] = {}
     asked = []
@@ -66,7 +67,7 @@ def _positives(cfg, chunk, generate, env, encoder, tok, failures) -> dict[str, t
         else:
             asked.append(s)
     if asked:
-        prompts = [build_pwab_prompt(s, s["history"][:cfg.positive_k], tok, cfg.max_prompt_tokens) for s in asked]
+        prompts = [task.prompt(s, s["history"][:cfg.positive_k], tok, cfg.max_prompt_tokens) for s in asked]
         for s, (call, ok, score) in zip(asked, _judged(cfg, asked, generate(prompts), env, encoder, failures)):
             if ok:
                 out[s["id"]] = (format_tool_call(call), score)
@@ -80,47 +81,39 @@ def _other_histories(sample: dict, pool: list[dict], k: int, tries: int, seed: i
     return [rng.choice(donors)["history"][:k] if donors else [] for _ in range(tries)]
 
 
-def collect_pwab_pairs(cfg, samples: list[dict], other_samples: list[dict], model, tok, writer,
-                       done_sample_ids: set[str], *, generate_fn: Callable[[list[str]], list[str]] | None = None,
+def collect_pwab_pairs(cfg, task: Task, samples: list[dict], other_samples: list[dict], model, tok, writer, *,
+                       generate_fn: Callable[[list[str]], list[str]] | None = None,
                        env=None, encoder=None) -> dict[str, Any]:
-    """Collect PersonalWAB pairs for samples not in ``done_sample_ids``; return the summary.
+    """Collect PersonalWAB pairs for samples ``writer`` has not finished; return the summary.
 
-    ``cfg`` is the ``collect_pairs`` config (positive_k, k, num_neg_per_user,
+    ``cfg`` is the ``collect_pairs`` config (positive_k, history_k, num_neg_per_user,
     search_threshold, review_threshold, recommend_in_list, max_prompt_tokens,
     samples_per_chunk, seed, run_dir, data_dir, generation settings).  ``writer`` has
-    ``write(record)`` and ``mark_done(sample_id, **counts)`` (:class:`collect.pairs.PairWriter`).
+    ``done_ids``, ``write(record)`` and ``mark_done(sample_id, **counts)``
+    (:class:`collect.pairs.PairWriter`).
     """
-    if generate_fn is None:
-        from collect.generation import generate
-
-        generate_fn = functools.partial(
-            generate, model, tok, max_new_tokens=cfg.resolved_max_new_tokens(), batch_size=cfg.batch_size,
-            do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-            form="raw", desc="pwab calls")  # parse_tool_call finds the call itself (a "json"
-        # clean-up keeps only the first JSON object, which may be an echoed schema, not the call)
-    if env is None:
-        from eval.pwab_env import PwabEnv, default_cache_dir
-
-        env = PwabEnv(cfg.data_dir, default_cache_dir(cfg.run_dir))
+    # The raw text is parsed by parse_tool_call, which finds the call among echoed schemas.
+    generate_fn = generate_fn or generator_for(cfg, model, tok, "pwab calls")
+    env = env or PwabEnv(cfg.data_dir, default_cache_dir(cfg.run_dir))
     pools = other_users_pools(samples, other_samples)
-    todo = [s for s in samples if s["id"] not in done_sample_ids]
+    todo = [s for s in samples if s["id"] not in writer.done_ids]
     failures: Counter = Counter()
     markers, positives_by_type = [], Counter()
     bar = tqdm(total=len(todo), desc="pwab pairs", unit="sample")
     for start in range(0, len(todo), cfg.samples_per_chunk):
         chunk = todo[start:start + cfg.samples_per_chunk]
-        positives = _positives(cfg, chunk, generate_fn, env, encoder, tok, failures)
+        positives = _positives(cfg, task, chunk, generate_fn, env, encoder, tok, failures)
         positives_by_type.update(s["type"] for s in chunk if s["id"] in positives)
         asked = [s for s in chunk if s["id"] in positives]
         tries = [(s, h) for s in asked for h in _other_histories(
-            s, pools.get(s["user_id"], []), cfg.k, cfg.num_neg_per_user, cfg.seed)]
-        texts = generate_fn([build_pwab_prompt(s, h, tok, cfg.max_prompt_tokens) for s, h in tries]) if tries else []
+            s, pools.get(s["user_id"], []), cfg.history_k, cfg.num_neg_per_user, cfg.seed)]
+        texts = generate_fn([task.prompt(s, h, tok, cfg.max_prompt_tokens) for s, h in tries]) if tries else []
         judged = _judged(cfg, [s for s, _ in tries], texts, env, encoder, failures)
         by_sample: dict[str, list] = {}
         for (s, _), verdict in zip(tries, judged):
             by_sample.setdefault(s["id"], []).append(verdict)
         for s in chunk:
-            counts = _write_pairs(cfg, s, positives.get(s["id"]), by_sample.get(s["id"], []), writer, tok)
+            counts = _write_pairs(cfg, task, s, positives.get(s["id"]), by_sample.get(s["id"], []), writer, tok)
             marker = {"user_id": s["user_id"], "type": s["type"], "positive": s["id"] in positives, **counts}
             writer.mark_done(s["id"], **marker)
             markers.append({"sample_id": s["id"], **marker})
@@ -136,12 +129,13 @@ def collect_pwab_pairs(cfg, samples: list[dict], other_samples: list[dict], mode
     return summary
 
 
-def _write_pairs(cfg, sample: dict, positive: tuple[str, float] | None, verdicts: list, writer, tok) -> dict:
+def _write_pairs(cfg, task: Task, sample: dict, positive: tuple[str, float] | None, verdicts: list, writer,
+                 tok) -> dict:
     counts: Counter = Counter(tries=len(verdicts))
     if positive is None:
         return dict(counts)
     chosen, chosen_score = positive
-    prompt = build_pwab_prompt(sample, [], tok, cfg.max_prompt_tokens)
+    prompt = task.prompt(sample, [], tok, cfg.max_prompt_tokens)
     seen = {chosen}
     for t, (call, success, score) in enumerate(verdicts):
         if call is None:

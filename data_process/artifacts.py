@@ -184,8 +184,8 @@ class Stage:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.started = dt.datetime.now(dt.timezone.utc)
         if self.done:
-            print(f"[{name}] {self.manifest_path} exists: stage already finished "
-                  "(pass --overwrite to redo it)")
+            log.info("[%s] %s exists: stage already finished (pass --overwrite to redo it)",
+                     name, self.manifest_path)
 
     def finish(self, *, inputs: Iterable[str | Path], outputs: Iterable[str | Path],
                model: str | None = None, seed: int | None = None, **extra: Any) -> dict[str, Any]:

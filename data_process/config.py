@@ -1,10 +1,11 @@
 """Stage configuration: one dataclass per stage, JSON defaults, CLI overrides.
 
 A task config (``configs/<task>.json``) holds the fields every stage shares at its top
-level (see :class:`CommonConfig`) and one section per stage, named after the stage's
-``STAGE`` key (``select_users``, ``rank_history``, ...).  Precedence, lowest first:
-dataclass defaults < top-level keys < the stage's section < CLI flags.  A key that the
-stage does not know is an error naming the file and the key.
+level (see :class:`CommonConfig`) and one section per stage, named by the config class's
+``SECTIONS`` (``select_users``, ``rank_history``, ...).  Precedence, lowest first:
+dataclass defaults < top-level keys < the stage's sections (in order) < CLI flags.  A key
+that the stage does not know is an error naming the file and the key; a field whose
+metadata lists ``choices`` rejects other values, from the file as from the command line.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from transformers import HfArgumentParser
 
@@ -24,6 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 T = TypeVar("T")
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 # Names of the per-stage sections a task config may hold.
 STAGE_SECTIONS = ("select_users", "rank_history", "collect_pairs", "extract_vectors",
@@ -34,7 +37,9 @@ STAGE_SECTIONS = ("select_users", "rank_history", "collect_pairs", "extract_vect
 class CommonConfig:
     """Fields shared by every stage (the top level of a task config)."""
 
-    task: str = field(default="lamp4", metadata={"help": "task: lamp4 | longlamp | pwab"})
+    SECTIONS: ClassVar[tuple[str, ...]] = ()  # config sections this stage reads, in order
+
+    task: str = field(default="lamp4", metadata={"help": "benchmark task (a module of tasks/)"})
     run_dir: str = field(default="runs/lamp4", metadata={"help": "root directory of this experiment's artifacts"})
     data_dir: str = field(default="", metadata={"help": "directory holding the raw benchmark files"})
     model: str = field(default="models/smollm2-135m-instruct",
@@ -44,6 +49,11 @@ class CommonConfig:
     seed: int = field(default=42, metadata={"help": "random seed of every sampling step"})
     overwrite: bool = field(default=False, metadata={"help": "redo a stage whose manifest exists"})
     config: str = field(default="", metadata={"help": "task config JSON supplying defaults for every flag"})
+    layers_attr: str = field(default="", metadata={
+        "help": "for architectures layer discovery does not know: dotted path to the decoder layers, "
+                "optionally followed by ':attn_attr:mlp_attr' (default ':self_attn:mlp')"})
+    log_level: str = field(default="INFO", metadata={"help": "logging level", "choices": LOG_LEVELS})
+    debug: bool = field(default=False, metadata={"help": "show the Python traceback of an error"})
 
 
 def suggest(name: str, options: list[str] | tuple[str, ...]) -> str:
@@ -95,24 +105,36 @@ def config_defaults(path: str | Path, config_cls: type, section: str) -> dict[st
     return defaults
 
 
-def parse_config(config_cls: type[T], section: str, argv: list[str] | None = None) -> T:
-    """Parse a stage config: dataclass defaults < ``--config`` JSON < CLI flags."""
+def parse_config(config_cls: type[T], argv: list[str] | None = None) -> T:
+    """Parse a stage config: dataclass defaults < ``--config`` JSON sections < CLI flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(config_cls)
     config_path = _peek_config(argv)
     if config_path:
-        parser.set_defaults(**config_defaults(config_path, config_cls, section))
+        for section in config_cls.SECTIONS:
+            parser.set_defaults(**config_defaults(config_path, config_cls, section))
     (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    check_choices(cfg)
     return cfg
 
 
+def check_choices(cfg: Any) -> None:
+    """Reject a value outside a field's ``choices`` (argparse checks flags, not file defaults)."""
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        for item in (value if isinstance(value, list) else [value]) if choices else []:
+            if item not in choices:
+                raise ValueError(f"--{f.name.replace('_', '-')} {item!r} is not one of {list(choices)}."
+                                 f"{suggest(str(item), [str(c) for c in choices])}")
+
+
 def _peek_config(argv: list[str]) -> str:
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-    return ""
+    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    paths += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    if len(paths) > 1:
+        raise ValueError(f"--config given {len(paths)} times ({', '.join(paths)}); give one task config")
+    return paths[0] if paths else ""
 
 
 def stage_dir(run_dir: str | Path, name: str) -> Path:

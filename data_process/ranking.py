@@ -9,14 +9,14 @@ sample, the history order (most relevant first) and one score per item:
 * ``dense`` -- cosine similarity of all-MiniLM-L6-v2 embeddings (mean pooling), every
   distinct text encoded once, in batches.
 
-The query is the sample input without the task's fixed instruction words (they would
-match nothing useful); a history item's text is its input and output joined.  Ranking
-is deterministic and ties keep time order (the older item first).
+The query is the task's query text of the sample (``Task.query``: the article, the title,
+the request -- never the instruction words, which would match nothing useful); a history
+item's text is its input and output joined.  Ranking is deterministic and ties keep time
+order (the older item first).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -26,16 +26,13 @@ from tqdm import tqdm
 from data_process.config import choose
 from data_process.text import BM25
 
-# The fixed instruction prefixes of the LaMP-4 and LongLaMP question inputs.
-_INSTRUCTIONS = re.compile(r"^\s*(Generate a headline for the following article:\s*"
-                           r"|Generate an abstract for the title\s*)", re.IGNORECASE)
-
 Ranking = list[tuple[list[int], list[float]]]
+Query = Callable[[dict], str]  # sample -> the text its history is ranked against
 
 
-def query_text(text: str) -> str:
-    """The part of a sample input that carries content (instruction prefix removed)."""
-    return _INSTRUCTIONS.sub("", text, count=1)
+def sample_input(sample: dict) -> str:
+    """The default query: the sample's whole input."""
+    return sample["input"]
 
 
 def item_text(item: dict[str, Any]) -> str:
@@ -53,12 +50,12 @@ def _finish(scores: np.ndarray) -> tuple[list[int], list[float]]:
     return order, [round(float(scores[i]), 6) for i in order]
 
 
-def rank_bm25(samples: list[dict], **_: Any) -> Ranking:
+def rank_bm25(samples: list[dict], *, query: Query = sample_input, **_: Any) -> Ranking:
     """BM25 of the query against the sample's own history items."""
     out = []
     for s in tqdm(samples, desc="rank bm25", leave=False):
         bm25 = BM25([item_text(h) for h in s["history"]])
-        out.append(_finish(bm25.scores(query_text(s["input"]))))
+        out.append(_finish(bm25.scores(query(s))))
     return out
 
 
@@ -85,14 +82,14 @@ def dense_vectors(texts: list[str], encoder: Any, batch_size: int,
     return cache
 
 
-def rank_dense(samples: list[dict], *, encoder: Any = None, batch_size: int = 64,
+def rank_dense(samples: list[dict], *, query: Query = sample_input, encoder: Any = None, batch_size: int = 64,
                cache: dict[str, np.ndarray] | None = None, **_: Any) -> Ranking:
     """Cosine similarity of the query embedding to each history item embedding."""
     if encoder is None:
         from data_process.dense import shared_encoder
 
         encoder = shared_encoder()
-    texts = [query_text(s["input"]) for s in samples] + [item_text(h) for s in samples for h in s["history"]]
+    texts = [query(s) for s in samples] + [item_text(h) for s in samples for h in s["history"]]
     vec = dense_vectors(texts, encoder, batch_size, cache)
     out = []
     for s in samples:
@@ -100,16 +97,17 @@ def rank_dense(samples: list[dict], *, encoder: Any = None, batch_size: int = 64
             out.append(([], []))
             continue
         docs = np.stack([vec[item_text(h)] for h in s["history"]])
-        out.append(_finish(docs @ vec[query_text(s["input"])]))
+        out.append(_finish(docs @ vec[query(s)]))
     return out
 
 
 RANKERS: dict[str, Callable[..., Ranking]] = {"bm25": rank_bm25, "recency": rank_recency, "dense": rank_dense}
 
 
-def rank_samples(samples: list[dict], ranker: str = "bm25", **kw: Any) -> list[dict]:
+def rank_samples(samples: list[dict], ranker: str = "bm25", *, query: Query = sample_input,
+                 **kw: Any) -> list[dict]:
     """Copies of ``samples`` with ``history`` re-sorted (most relevant first) and ``scores``."""
-    rankings = choose("ranker", ranker, RANKERS)(samples, **kw)
+    rankings = choose("ranker", ranker, RANKERS)(samples, query=query, **kw)
     out = []
     for s, (order, scores) in zip(samples, rankings):
         out.append({**s, "history": [s["history"][i] for i in order], "scores": scores})

@@ -33,8 +33,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data_process.config import choose
-from data_process.loaders import Benchmark
-from data_process.ranking import dense_vectors, item_text, query_text
+from data_process.ranking import Query, dense_vectors, item_text, sample_input
+from data_process.records import Benchmark
 from data_process.text import BM25
 
 SPLITS = ("train", "seen_test", "unseen_test", "remain_train")
@@ -110,8 +110,7 @@ def apply_history_rate(train: list[dict], seen_test: list[dict], rate: float,
     return kept, [thin(s) for s in seen_test], len(dropped)
 
 
-def _bm25_similarity(sample: dict) -> float:
-    query = query_text(sample["input"])
+def _bm25_similarity(sample: dict, query: str) -> float:
     docs = [item_text(h) for h in sample["history"]]
     if not docs:
         return 0.0
@@ -122,7 +121,7 @@ def _bm25_similarity(sample: dict) -> float:
 
 
 def user_similarity(seen_test: list[dict], by: str = "bm25", encoder: Any = None,
-                    batch_size: int = 64) -> dict[str, float]:
+                    batch_size: int = 64, query: Query = sample_input) -> dict[str, float]:
     """Mean normalized similarity of each user's test inputs to their own history."""
     choose("cluster similarity", by, {"bm25": 0, "dense": 0})
     per_sample: dict[str, list[float]] = defaultdict(list)
@@ -131,14 +130,14 @@ def user_similarity(seen_test: list[dict], by: str = "bm25", encoder: Any = None
             from data_process.dense import shared_encoder
 
             encoder = shared_encoder()
-        texts = [query_text(s["input"]) for s in seen_test] + [item_text(h) for s in seen_test for h in s["history"]]
+        texts = [query(s) for s in seen_test] + [item_text(h) for s in seen_test for h in s["history"]]
         vec = dense_vectors(texts, encoder, batch_size)
     for s in tqdm(seen_test, desc="user similarity", leave=False):
         if by == "bm25":
-            sim = _bm25_similarity(s)
+            sim = _bm25_similarity(s, query(s))
         else:
             docs = [vec[item_text(h)] for h in s["history"]]
-            sim = float(np.mean(np.stack(docs) @ vec[query_text(s["input"])])) if docs else 0.0
+            sim = float(np.mean(np.stack(docs) @ vec[query(s)])) if docs else 0.0
         per_sample[s["user_id"]].append(sim)
     return {u: round(float(np.mean(v)), 6) for u, v in sorted(per_sample.items())}
 
@@ -151,7 +150,7 @@ def cluster_users(similarity: dict[str, float]) -> list[list[str]]:
 
 def build_splits(bench: Benchmark, *, num_users: int, num_unseen: int, min_history: int, min_train: int,
                  seed: int, history_rate: float = 1.0, clusters: bool = False, cluster_by: str = "bm25",
-                 encoder: Any = None) -> Splits:
+                 encoder: Any = None, query: Query = sample_input) -> Splits:
     """All split files of stage 01 from a loaded benchmark."""
     seen, unseen = select_users(bench, num_users=num_users, num_unseen=num_unseen,
                                 min_history=min_history, min_train=min_train, seed=seed)
@@ -164,7 +163,7 @@ def build_splits(bench: Benchmark, *, num_users: int, num_unseen: int, min_histo
              "remain_train": [s for s in bench.train if s["user_id"] not in seen_set]}
     out = Splits(files=files, seen_users=seen, unseen_users=unseen, dropped=dropped)
     if clusters:
-        out.user_similarity = user_similarity(seen_test, cluster_by, encoder)
+        out.user_similarity = user_similarity(seen_test, cluster_by, encoder, query=query)
         out.clusters = cluster_users(out.user_similarity)
         for k, group in enumerate(out.clusters):
             members = set(group)

@@ -1,5 +1,6 @@
-"""The one text tokenizer and BM25 helper used for every lexical ranking in Fints
-(history ranking, pair retrieval, user clustering, product search).
+"""Text helpers shared by every layer: THE tokenizer and BM25 used for every lexical
+ranking in Fints (history ranking, pair retrieval, user clustering, product search), and
+the one JSON scanner that finds objects in generated text.
 
 Tokenizer: lowercase, then split on anything that is not a letter or digit
 (punctuation and whitespace separate tokens; ``"Don't-stop!"`` -> ``["don", "t", "stop"]``).
@@ -7,12 +8,15 @@ Tokenizer: lowercase, then split on anything that is not a letter or digit
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterator
 
 import numpy as np
 from rank_bm25 import BM25Okapi
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
+_JSON_FENCE = re.compile(r"```(?:json)?\s*\n?(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
 def tokenize(text: str) -> list[str]:
@@ -44,3 +48,17 @@ class BM25:
         scores = self.scores(query)
         order = np.argsort(-scores, kind="stable")[:k]
         return order, scores[order]
+
+
+def json_objects(text: str) -> Iterator[tuple[dict, str]]:
+    """Every JSON object in ``text`` as ``(object, its source text)``: the contents of
+    ```json fences first, then the whole text, each scanned left to right."""
+    decoder = json.JSONDecoder()
+    for candidate in [m.group(1) for m in _JSON_FENCE.finditer(text)] + [text]:
+        for match in re.finditer(r"\{", candidate):
+            try:
+                obj, end = decoder.raw_decode(candidate, match.start())
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                yield obj, candidate[match.start():end]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from data_process.artifacts import read_json, sha256_file, write_json
-from data_process.pwab import ToolCall, numbered_parts, product_text
 from data_process.text import tokenize
+from eval.pwab_tools import ToolCall
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,24 @@ K1, B, EPSILON = 1.5, 0.75, 0.25
 def default_cache_dir(run_dir: str | Path) -> Path:
     """Where a run keeps the PersonalWAB environment (search index, SASRec checkpoint)."""
     return Path(run_dir) / "pwab_env"
+
+
+def numbered_parts(data_dir: Path, prefix: str) -> list[Path]:
+    """``<prefix>_part_<n>.json`` files of ``data_dir`` in part-number order."""
+    def number(p: Path) -> int:
+        found = re.search(r"(\d+)\.json$", p.name)
+        return int(found.group(1)) if found else 0
+    return sorted(data_dir.glob(f"{prefix}_part_*.json"), key=number)
+
+
+def product_text(info: dict[str, Any]) -> str:
+    """Searchable text of a product: title, features, description, categories, store."""
+    parts: list[str] = [str(info.get("title") or "")]
+    for key in ("features", "description", "categories"):
+        value = info.get(key) or []
+        parts.extend(str(v) for v in (value if isinstance(value, list) else [value]))
+    parts.append(str(info.get("store") or ""))
+    return " ".join(p for p in parts if p.strip())
 
 
 def load_catalogue(data_dir: str | Path) -> dict[str, dict[str, Any]]:

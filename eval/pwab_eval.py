@@ -1,6 +1,6 @@
 """PersonalWAB scores: function accuracy (FACC) and result accuracy (RACC) per task type.
 
-For each generated call (parsed with :func:`data_process.pwab.parse_tool_call`):
+For each generated call (parsed with :func:`eval.pwab_tools.parse_tool_call`):
 
 * FACC = 1 when the call names the task type's function (search ->
   ``search_product_by_query``, recommend -> ``get_recommendations_by_history``, review ->
@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from data_process.pwab import TYPES, ToolCall, parse_tool_call
+from eval.pwab_tools import TYPES, ToolCall, parse_tool_call
 
 SAMPLE_METRICS = ["facc", "racc"]
 PWAB_METRICS = ["facc", "racc"] + [f"{m}_{t}" for t in TYPES for m in ("facc", "racc")]

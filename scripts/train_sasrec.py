@@ -1,80 +1,11 @@
-"""Train the SASRec recommender behind PersonalWAB's get_recommendations_by_history.
+"""Train the SASRec recommender behind PersonalWAB's get_recommendations_by_history (see stages/train_sasrec.py).
 
 Usage:
     python -m scripts.train_sasrec --config configs/pwab.json [--epochs 200] [--hidden 64]
-
-Reads every user's behaviours (user_history_part_*.json in data_dir, time order) and
-writes {run_dir}/pwab_env/sasrec/{model.safetensors, config.json, manifest.json}, where
-05_generate / 06_evaluate and 03_collect_pairs find it (their PersonalWAB cache dir is
-{run_dir}/pwab_env).  Like PersonalWAB's own recommender it is part of the environment,
-trained on all behaviours.  Seeded; prints the loss per epoch and the training time.
 """
 
-from __future__ import annotations
-
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-
-import torch
-
-from data_process.artifacts import Stage
-from data_process.config import CommonConfig, parse_config
-from data_process.pwab import numbered_parts, user_sequences
-from eval.pwab_env import default_cache_dir
-from eval.sasrec import CONFIG, WEIGHTS, SASRecConfig, save_sasrec, train_sasrec
-from steering.model import resolve_device
-
-
-@dataclass
-class TrainSasrecConfig(CommonConfig):
-    """Settings of the SASRec training (config section ``train_sasrec``)."""
-
-    out_dir: str = field(default="", metadata={"help": "checkpoint directory (default {run_dir}/pwab_env/sasrec)"})
-    hidden: int = field(default=64, metadata={"help": "embedding and hidden size"})
-    blocks: int = field(default=2, metadata={"help": "self-attention blocks"})
-    heads: int = field(default=2, metadata={"help": "attention heads (must divide hidden)"})
-    max_len: int = field(default=50, metadata={"help": "longest input sequence (older items are cut)"})
-    dropout: float = field(default=0.2, metadata={"help": "dropout rate"})
-    epochs: int = field(default=200, metadata={"help": "passes over all user sequences"})
-    batch_size: int = field(default=128, metadata={"help": "user sequences per step"})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default; 1 is fastest "
-                                                       "for small models on a busy machine)"})
-    on_error: str = field(default="stop", metadata={"help": "stop | skip: what a bad history record does"})
-
-
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(TrainSasrecConfig, "train_sasrec", argv)
-    if cfg.task != "pwab":
-        raise ValueError(f"train_sasrec is for PersonalWAB (task pwab), not {cfg.task!r}")
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else default_cache_dir(cfg.run_dir) / "sasrec"
-    stage = Stage("train_sasrec", out_dir, cfg, overwrite=cfg.overwrite)
-    if stage.done:
-        return {}
-    sequences = user_sequences(cfg.data_dir, cfg.on_error)
-    lengths = sorted(len(s) for s in sequences.values())
-    print(f"[train_sasrec] {len(sequences)} users, {len({a for s in sequences.values() for a in s})} items, "
-          f"{sum(lengths)} behaviours (median {lengths[len(lengths) // 2]} per user)")
-    device = str(resolve_device(cfg.device))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    start = time.perf_counter()
-    model, item_ids, losses = train_sasrec(
-        list(sequences.values()),
-        SASRecConfig(num_items=0, hidden=cfg.hidden, blocks=cfg.blocks, heads=cfg.heads,
-                     max_len=cfg.max_len, dropout=cfg.dropout),
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=device)
-    seconds = round(time.perf_counter() - start, 2)
-    curve = [round(x, 4) for x in losses]
-    save_sasrec(model, item_ids, out_dir, losses=curve, seconds=seconds, users=len(sequences))
-    shown = curve if len(curve) <= 12 else curve[:6] + ["..."] + curve[-5:]
-    print(f"[train_sasrec] loss per epoch: {shown}")
-    print(f"[train_sasrec] trained in {seconds} s on {device}; wrote {out_dir}")
-    inputs = numbered_parts(Path(cfg.data_dir), "user_history")
-    return stage.finish(inputs=inputs, outputs=[out_dir / WEIGHTS, out_dir / CONFIG], seed=cfg.seed,
-                        losses=curve, train_seconds=seconds, items=len(item_ids), users=len(sequences))
-
+from data_process.cli import main
+from stages.train_sasrec import TrainSasrecConfig, run
 
 if __name__ == "__main__":
-    main()
+    main(TrainSasrecConfig, run)

@@ -24,12 +24,10 @@ from typing import Any
 import torch
 
 from data_process.config import choose
+from steering.hooks import SITES
+from tasks import Task
 
 log = logging.getLogger(__name__)
-
-# History items put in the RAG prompt when the config does not say (paper defaults).
-TASK_K = {"lamp4": 5, "longlamp": 3, "pwab": 5}
-SITES = ("attn", "mlp", "block")
 
 
 @dataclass
@@ -69,9 +67,9 @@ class SteerSpec:
 class AlgoSettings:
     """Everything an algorithm needs besides the samples (filled from the stage config)."""
 
-    task: str
+    task: Task
     tokenizer: Any = None
-    k: int = -1                      # history items in the prompt; -1: task default
+    history_k: int = 5               # history items in the prompt
     max_prompt_tokens: int = 0       # 0: the prompt builder's default
     steer: SteerSpec | None = None
     vectors_dir: str | Path = ""
@@ -82,10 +80,6 @@ class AlgoSettings:
     retriever: str = "bm25"
     model: Any = None                # checked against the vector store's metadata
     hidden_size: int = 0
-
-    @property
-    def history_k(self) -> int:
-        return TASK_K.get(self.task, 5) if self.k < 0 else self.k
 
 
 @dataclass
@@ -98,13 +92,11 @@ class Prepared:
 
 
 def build_message(settings: AlgoSettings, sample: dict, history: list[dict]) -> str:
-    """The user message of one sample, through the task's shared prompt builder."""
-    from data_process.prompts import build_prompt
-
+    """The user message of one sample, through the task's prompt builder."""
     kwargs: dict[str, Any] = {"tokenizer": settings.tokenizer}
     if settings.max_prompt_tokens > 0:
         kwargs["max_prompt_tokens"] = settings.max_prompt_tokens
-    return build_prompt(settings.task, sample, history, **kwargs)
+    return settings.task.prompt(sample, history, **kwargs)
 
 
 def _scale(vectors: dict[str, torch.Tensor], spec: SteerSpec) -> dict[str, torch.Tensor]:

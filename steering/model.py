@@ -50,10 +50,12 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, layers_attr: str = ""):
     """Load a causal LM and its tokenizer from a local directory, in eval mode.
 
     Returns ``(model, tokenizer)``.  The model is frozen (``requires_grad=False``).
+    ``layers_attr`` (``"dotted.path[:attn_attr:mlp_attr]"``) tells :func:`find_layers`
+    where the decoder layers of an architecture it does not know are; it is checked here.
     """
     from transformers import AutoModelForCausalLM
 
@@ -66,6 +68,11 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
     tok = load_tokenizer(path, trust_remote_code)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
+    if layers_attr:
+        path_attr, _, rest = layers_attr.partition(":")
+        attn_attr, _, mlp_attr = rest.partition(":")
+        model.fints_layout = (path_attr, attn_attr or "self_attn", mlp_attr or "mlp")
+        find_layers(model)  # a wrong path fails now, naming what it looked for
     return model, tok
 
 
@@ -145,9 +152,15 @@ def find_layers(model: nn.Module, layers_attr: str | None = None, attn_attr: str
 
     Knows Llama, Mistral, Qwen2, Qwen3, Gemma/Gemma2/Gemma3 and GPT-2 style models.  For
     another architecture pass ``layers_attr`` (dotted path to the ``nn.ModuleList`` of
-    decoder layers) and the attribute names of the attention and MLP modules.
+    decoder layers) and the attribute names of the attention and MLP modules, or load the
+    model with ``load_model(..., layers_attr=...)`` (the ``--layers-attr`` flag).
     """
-    layouts = [(layers_attr, attn_attr, mlp_attr)] if layers_attr else LAYER_LAYOUTS
+    if layers_attr:
+        layouts = [(layers_attr, attn_attr, mlp_attr)]
+    elif getattr(model, "fints_layout", None):
+        layouts = [model.fints_layout]
+    else:
+        layouts = LAYER_LAYOUTS
     for path, attn, mlp in layouts:
         try:
             layers = _get(model, path)
@@ -159,8 +172,8 @@ def find_layers(model: nn.Module, layers_attr: str | None = None, attn_attr: str
                     for i, layer in enumerate(layers)]
     tried = ", ".join(f"{p} (.{a}, .{m})" for p, a, m in layouts)
     raise ValueError(f"cannot find decoder layers in {type(model).__name__}: looked for {tried}. "
-                     "Pass layers_attr='dotted.path.to.layers' with attn_attr/mlp_attr naming the "
-                     "attention and MLP modules of one layer.")
+                     "Pass --layers-attr 'dotted.path.to.layers:attn_attr:mlp_attr' naming the layer list "
+                     "and the attention and MLP modules of one layer.")
 
 
 def check_layers(layers: list[LayerModules], wanted: list[int]) -> None:

@@ -118,3 +118,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "real_model" in item.keywords and not (REAL_MODEL / "config.json").exists():
             item.add_marker(skip)
+
+
+def run_stage(module: str, argv: list[str], **kwargs):
+    """Run ``stages.<module>`` as its script would, but let errors raise: parse, then run."""
+    import dataclasses
+    import importlib
+
+    from data_process.config import parse_config
+
+    mod = importlib.import_module(f"stages.{module}")
+    (config_cls,) = [v for v in vars(mod).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
+                     and v.__module__ == mod.__name__]
+    return mod.run(parse_config(config_cls, argv), **kwargs)

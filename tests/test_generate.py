@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import collect.generation
+import steering.runner
 from data_process.artifacts import JsonlWriter, read_jsonl
 from steering.algorithms import AlgoSettings, Prepared, SteerSpec, ZeroShot, build_algorithm
 from steering.runner import generate_records
+from tasks import get_task
+
+LAMP4, PWAB = get_task("lamp4"), get_task("pwab")
 
 HISTORY = [{"id": f"h{i}", "input": f"Generate a headline for the following article: article {i}",
             "output": f"headline number {i}"} for i in range(4)]
@@ -17,18 +20,21 @@ SAMPLE = {"id": "s1", "user_id": "u1", "input": "Generate a headline for the fol
 
 
 def test_zeroshot_prompt_has_no_history_and_rag_has_the_top_k_items_in_ranked_order():
-    zero = build_algorithm("zeroshot", AlgoSettings(task="lamp4"))([SAMPLE])
-    rag = build_algorithm("rag", AlgoSettings(task="lamp4", k=2))([SAMPLE])
+    zero = build_algorithm("zeroshot", AlgoSettings(task=LAMP4))([SAMPLE])
+    rag = build_algorithm("rag", AlgoSettings(task=LAMP4, history_k=2))([SAMPLE])
     assert "headline number" not in zero.messages[0] and zero.deltas is None
     message = rag.messages[0]
     assert message.index("headline number 0") < message.index("headline number 1")
     assert "headline number 2" not in message and message.endswith(zero.messages[0])
 
 
-def test_rag_uses_the_task_default_number_of_history_items():
-    assert AlgoSettings(task="lamp4").history_k == 5
-    assert AlgoSettings(task="longlamp").history_k == 3
-    assert AlgoSettings(task="lamp4", k=0).history_k == 0
+def test_rag_uses_the_task_default_number_of_history_items_unless_the_config_sets_one():
+    from stages.common import task_of
+    from stages.generate import GenerateConfig
+
+    assert task_of(cfg := GenerateConfig(task="lamp4")) is LAMP4 and cfg.history_k == 5
+    assert task_of(cfg := GenerateConfig(task="longlamp")) and cfg.history_k == 3
+    assert task_of(cfg := GenerateConfig(task="lamp4", history_k=0)) and cfg.history_k == 0
 
 
 def test_alpha_scales_attention_and_beta_scales_mlp_sites():
@@ -47,14 +53,14 @@ def test_multipliers_give_one_scale_per_layer_and_must_match_the_layers():
 
 def test_an_unknown_algorithm_names_the_closest_one():
     with pytest.raises(ValueError, match="Did you mean 'steer'"):
-        build_algorithm("stear", AlgoSettings(task="lamp4"))
+        build_algorithm("stear", AlgoSettings(task=LAMP4))
 
 
 def test_steering_algorithms_without_vectors_say_to_run_stage_04(tmp_path):
     spec = SteerSpec.build([1], ["attn"])
     for name in ("steer", "fints"):
         with pytest.raises(FileNotFoundError, match="04_extract_vectors"):
-            build_algorithm(name, AlgoSettings(task="lamp4", steer=spec, vectors_dir=tmp_path))
+            build_algorithm(name, AlgoSettings(task=LAMP4, steer=spec, vectors_dir=tmp_path))
 
 
 class RowSteer(ZeroShot):
@@ -70,16 +76,19 @@ class RowSteer(ZeroShot):
 def test_records_carry_their_own_delta_row_and_cleaned_answer(tmp_path, monkeypatch):
     seen = []
 
-    def fake_generate(model, tok, messages, *, deltas, **kwargs):
-        seen.append((messages, deltas["attn.0"][:, 0].tolist()))
-        return [f"Headline: answer to {m.split(': ')[-1].split(chr(10))[0]}\nextra line" for m in messages]
+    def fake_batches(model, tok, messages, *, deltas, batch_size, **kwargs):
+        for start in range(0, len(messages), batch_size):
+            rows = list(range(start, min(start + batch_size, len(messages))))
+            seen.append(([messages[i] for i in rows], deltas["attn.0"][rows, 0].tolist()))
+            yield rows, [f"Headline: answer to {messages[i].split(': ')[-1].split(chr(10))[0]}\nextra line"
+                         for i in rows]
 
-    monkeypatch.setattr(collect.generation, "generate", fake_generate)
+    monkeypatch.setattr(steering.runner, "generate_batches", fake_batches)
     samples = [{**SAMPLE, "id": f"s{i}", "user_id": f"u{i % 2}", "input": "x: " + "w" * i} for i in range(1, 6)]
     with JsonlWriter(tmp_path / "g.jsonl") as writer:
-        summary = generate_records(None, None, RowSteer(AlgoSettings(task="lamp4")), samples, writer, task="lamp4",
+        summary = generate_records(None, None, RowSteer(AlgoSettings(task=LAMP4)), samples, writer, task=LAMP4,
                                    algo_name="fints", batch_size=2, gen_kwargs={"max_new_tokens": 4})
-    for messages, rows in seen:  # batches are length-sorted and mix users
+    for messages, rows in seen:  # every message carries its own sample's delta row
         assert [float(len(m.split(": ")[-1].split("\n")[0])) for m in messages] == rows
     records = {r["id"]: r for r in read_jsonl(tmp_path / "g.jsonl")}
     assert sorted(records) == [f"s{i}" for i in range(1, 6)]
@@ -89,11 +98,13 @@ def test_records_carry_their_own_delta_row_and_cleaned_answer(tmp_path, monkeypa
 
 
 def test_pwab_records_keep_type_target_and_timestamp(tmp_path, monkeypatch):
-    monkeypatch.setattr(collect.generation, "generate", lambda model, tok, messages, **kw: ['{"name": "search"}'] * len(messages))
-    monkeypatch.setattr("data_process.prompts.build_prompt", lambda task, sample, history, **kw: "ask")
+    monkeypatch.setattr(steering.runner, "generate_batches",
+                        lambda model, tok, messages, **kw: iter([(list(range(len(messages))),
+                                                                  ['{"name": "search"}'] * len(messages))]))
+    monkeypatch.setattr(type(PWAB), "prompt", lambda self, sample, history, **kw: "ask")
     sample = {**SAMPLE, "type": "search", "target": {"query": "red shoes"}, "timestamp": 17}
     with JsonlWriter(tmp_path / "g.jsonl") as writer:
-        generate_records(None, None, ZeroShot(AlgoSettings(task="pwab")), [sample], writer, task="pwab",
+        generate_records(None, None, ZeroShot(AlgoSettings(task=PWAB)), [sample], writer, task=PWAB,
                          algo_name="zeroshot", batch_size=2, gen_kwargs={"max_new_tokens": 4})
     (record,) = read_jsonl(tmp_path / "g.jsonl")
     assert record["type"] == "search" and record["target"] == {"query": "red shoes"} and record["timestamp"] == 17

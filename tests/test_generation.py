@@ -1,12 +1,12 @@
-"""Batched generation: input order, equality with one-by-one decoding, output forms."""
+"""Batched generation: input order, equality with one-by-one decoding, answer clean-up."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from collect import generation
-from collect.generation import clean_output, generate
+from data_process.text import json_objects
+from steering.generation import clean_output, generate, generate_batches
 
 MESSAGES = [
     "the quick brown fox",
@@ -107,8 +107,8 @@ def test_large_deltas_on_one_row_change_only_that_row(tiny_llama):
     ("Model: a headline about models", "Model: a headline about models"),
     ("", ""),
 ])
-def test_raw_form_strips_and_drops_echoed_role_markers(text, expected):
-    assert clean_output(text, "raw") == expected
+def test_answers_strip_and_drop_echoed_role_markers(text, expected):
+    assert clean_output(text) == expected
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -117,38 +117,21 @@ def test_raw_form_strips_and_drops_echoed_role_markers(text, expected):
     ('The call is {"a": [1, 2]} and more {"b": 2}', '{"a": [1, 2]}'),
     ('bad {start then {"ok": true}', '{"ok": true}'),
 ])
-def test_json_form_takes_the_first_json_object(text, expected):
-    assert clean_output(text, "json") == expected
+def test_the_json_scanner_finds_the_first_json_object(text, expected):
+    assert next(source for _, source in json_objects(text)) == expected
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('print("hello world")', "hello world"),
-    ("```python\nprint('it\\'s here')\n```", "it's here"),
-    ('x = 1\nprint("a \\"quoted\\" word")', 'a "quoted" word'),
-])
-def test_python_form_takes_the_print_argument(text, expected):
-    assert clean_output(text, "python") == expected
+@pytest.mark.parametrize("text", ["no json here", '{"unclosed": 1', "[1, 2, 3]"])
+def test_the_json_scanner_finds_nothing_in_text_without_an_object(text):
+    assert list(json_objects(text)) == []
 
 
-@pytest.mark.parametrize("form, text", [
-    ("json", "no json here"), ("json", '{"unclosed": 1'), ("json", "[1, 2, 3]"),
-    ("python", "print(x)"), ("python", 'print("unclosed)'), ("python", ""),
-])
-def test_malformed_outputs_become_empty_strings_and_are_counted(form, text):
-    generation.reset_malformed()
-    assert clean_output(text, form) == ""
-    assert generation.MALFORMED[form] == 1
-
-
-def test_unknown_form_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown output form"):
-        clean_output("x", "yaml")
-
-
-def test_generate_parses_forms_of_real_model_outputs_without_crashing(tiny_model):
-    model, tok = tiny_model
-    generation.reset_malformed()
-    out = generate(model, tok, MESSAGES, max_new_tokens=5, form="json")
-    assert len(out) == len(MESSAGES)
-    # Random tiny models do not write JSON: every miss is an empty string, counted.
-    assert generation.MALFORMED["json"] == sum(1 for o in out if o == "")
+def test_batches_come_longest_prompt_first_and_cover_every_message_once(tiny_llama):
+    model, tok = tiny_llama
+    batches = list(generate_batches(model, tok, MESSAGES, max_new_tokens=2, batch_size=2))
+    rows = [i for batch, _ in batches for i in batch]
+    assert sorted(rows) == list(range(len(MESSAGES))) and all(len(b) <= 2 for b, _ in batches)
+    lengths = [len(tok(m)["input_ids"]) for m in MESSAGES]
+    assert [lengths[i] for i in rows] == sorted(lengths, reverse=True)
+    assert [t for _, texts in batches for t in texts] == [generate(model, tok, MESSAGES, max_new_tokens=2,
+                                                                   batch_size=2)[i] for i in rows]

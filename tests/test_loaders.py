@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from data_process.loaders import LOADERS, Benchmark, load_benchmark
+from data_process.records import Benchmark
+from tasks import get_task, task_names
 from data_process.schema import validate_sample
 
 from .conftest import FIXTURES, SHARED_DATA
@@ -47,14 +48,14 @@ def assert_no_leakage(bench: Benchmark) -> None:
 
 # --- formats -----------------------------------------------------------------------------
 
-def test_registry_names_the_three_benchmarks_and_suggests_close_names():
-    assert set(LOADERS) == {"lamp4", "longlamp", "pwab"}
+def test_registry_names_every_benchmark_and_suggests_close_names():
+    assert set(task_names()) == {"lamp4", "lamp5", "longlamp", "pwab"}
     with pytest.raises(ValueError, match="Did you mean 'lamp4'"):
-        load_benchmark("lamp-4", FIXTURES / "lamp4")
+        get_task("lamp-4")
 
 
 def test_lamp4_fixture_maps_article_to_history_input_and_title_to_output():
-    bench = load_benchmark("lamp4", FIXTURES / "lamp4")
+    bench = get_task("lamp4").load(FIXTURES / "lamp4")
     train, test = by_id(bench.train), by_id(bench.test)
     assert set(test) == {"u1-d1", "u1-d2", "u2-d1", "u3-d1"}
     t1 = train["u1-t1"]
@@ -67,7 +68,7 @@ def test_lamp4_fixture_maps_article_to_history_input_and_title_to_output():
 
 
 def test_lamp4_history_items_become_training_samples_with_the_headline_instruction():
-    bench = load_benchmark("lamp4", FIXTURES / "lamp4", include_history_samples=True)
+    bench = get_task("lamp4").load(FIXTURES / "lamp4", include_history_samples=True)
     a3 = by_id(bench.train)["u1-a3"]
     assert a3["input"] == ("Generate a headline for the following article: "
                            "The panda at the city zoo ate bamboo in front of crowds.")
@@ -75,12 +76,12 @@ def test_lamp4_history_items_become_training_samples_with_the_headline_instructi
     # Only the items before it in the user's time order.
     assert ids(a3["history"]) == ["u1-a1", "u1-a2", "u1-t1"]
     assert ids([s for s in bench.train if s["user_id"] == "u1"]) == ["u1-a1", "u1-a2", "u1-t1", "u1-a3"]
-    only_questions = load_benchmark("lamp4", FIXTURES / "lamp4", include_history_samples=False)
+    only_questions = get_task("lamp4").load(FIXTURES / "lamp4", include_history_samples=False)
     assert ids(only_questions.train) == ["u1-t1", "u2-t1", "u3-t1"]
 
 
 def test_longlamp_jsonl_fixture_uses_name_as_user_and_title_as_history_input():
-    bench = load_benchmark("longlamp", FIXTURES / "longlamp")
+    bench = get_task("longlamp").load(FIXTURES / "longlamp")
     train = by_id(bench.train)
     assert train["u1-t1"]["user_id"] == "u1"
     assert train["u1-t1"]["history"][0] == {"id": "u1-a1", "input": "Zoo welcomes baby panda",
@@ -102,16 +103,13 @@ def test_longlamp_reads_json_and_parquet_files_like_jsonl(tmp_path, suffix):
             (tmp_path / f"{split}.json").write_text(json.dumps(records))
         else:
             pq.write_table(pa.Table.from_pylist(records), tmp_path / f"{split}.parquet")
-    expected = load_benchmark("longlamp", FIXTURES / "longlamp")
-    got = load_benchmark("longlamp", tmp_path)
+    expected = get_task("longlamp").load(FIXTURES / "longlamp")
+    got = get_task("longlamp").load(tmp_path)
     assert got.train == expected.train and got.test == expected.test
 
 
-def test_pwab_is_loaded_through_the_registry_lazily():
-    pytest.importorskip("data_process.pwab")
-    if not (FIXTURES / "pwab").is_dir():
-        pytest.skip("PersonalWAB fixture not there yet")
-    bench = load_benchmark("pwab", FIXTURES / "pwab")
+def test_pwab_is_loaded_through_the_registry():
+    bench = get_task("pwab").load(FIXTURES / "pwab")
     assert bench.test and all(validate_sample(s, "pwab") for s in bench.train + bench.test)
 
 
@@ -119,11 +117,11 @@ def test_pwab_is_loaded_through_the_registry_lazily():
 
 def test_no_sample_sees_its_own_output_or_a_test_gold_in_the_fixtures():
     for task in ("lamp4", "longlamp"):
-        assert_no_leakage(load_benchmark(task, FIXTURES / task))
+        assert_no_leakage(get_task(task).load(FIXTURES / task))
 
 
 def test_a_later_test_question_and_a_copy_of_its_gold_are_removed_from_test_history():
-    bench = load_benchmark("lamp4", FIXTURES / "lamp4")
+    bench = get_task("lamp4").load(FIXTURES / "lamp4")
     d2 = by_id(bench.test)["u1-d2"]
     # The raw profile held u1-d1 (a test question) and u1-x (same title as u1-d1's gold).
     assert ids(d2["history"]) == ["u1-a1", "u1-a2", "u1-t1", "u1-a3"]
@@ -133,7 +131,7 @@ def test_a_later_test_question_and_a_copy_of_its_gold_are_removed_from_test_hist
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data not present")
 @pytest.mark.parametrize("task", ["lamp4", "longlamp"])
 def test_shared_debian_data_loads_without_leakage(task):
-    bench = load_benchmark(task, SHARED_DATA / task)
+    bench = get_task(task).load(SHARED_DATA / task)
     assert len({s["user_id"] for s in bench.test}) == 48 and len(bench.test) == 96
     assert len(bench.train) > 96 and bench.errors == []
     assert_no_leakage(bench)
@@ -145,38 +143,38 @@ def test_a_missing_file_is_named(tmp_path):
     data = copy_fixture(tmp_path, "lamp4")
     (data / "dev_outputs.json").unlink()
     with pytest.raises(FileNotFoundError, match="dev_outputs.json"):
-        load_benchmark("lamp4", data)
+        get_task("lamp4").load(data)
     with pytest.raises(FileNotFoundError, match="no LongLaMP split file"):
-        load_benchmark("longlamp", tmp_path / "lamp4")
+        get_task("longlamp").load(tmp_path / "lamp4")
 
 
 def test_malformed_json_names_the_file_and_line(tmp_path):
     data = copy_fixture(tmp_path, "lamp4")
     (data / "train_questions.json").write_text('[{"id": "u1-t1",\n  "input": ]')
     with pytest.raises(ValueError, match=r"train_questions.json:2: malformed JSON"):
-        load_benchmark("lamp4", data)
+        get_task("lamp4").load(data)
     ll = copy_fixture(tmp_path, "longlamp")
     with open(ll / "test.jsonl", "a") as f:
         f.write('{"name": "u1", "id": \n')
     with pytest.raises(ValueError, match=r"test.jsonl:5: malformed JSON"):
-        load_benchmark("longlamp", ll)
+        get_task("longlamp").load(ll)
 
 
 def test_a_record_without_a_required_field_names_record_and_field(tmp_path):
     data = copy_fixture(tmp_path, "lamp4")
     edit_json(data / "train_questions.json", lambda qs: qs[1].pop("input"))
     with pytest.raises(ValueError, match=r"train_questions.json: record 1 \(id 'u2-t1'\): missing field 'input'"):
-        load_benchmark("lamp4", data)
+        get_task("lamp4").load(data)
 
 
 def test_a_missing_user_id_says_the_time_based_split_is_needed(tmp_path):
     data = copy_fixture(tmp_path, "lamp4")
     edit_json(data / "dev_questions.json", lambda qs: [q.pop("user_id") for q in qs])
     with pytest.raises(ValueError, match=r"dev_questions.json: the questions have no 'user_id'.*time-based split"):
-        load_benchmark("lamp4", data)
+        get_task("lamp4").load(data)
     edit_json(data / "dev_questions.json", lambda qs: qs[0].__setitem__("user_id", "u1"))
     with pytest.raises(ValueError, match=r"'u1-d2'\): missing field 'user_id'.*time-based split"):
-        load_benchmark("lamp4", data)
+        get_task("lamp4").load(data)
 
 
 def test_a_wrong_type_names_the_field_and_the_types(tmp_path):
@@ -187,7 +185,7 @@ def test_a_wrong_type_names_the_field_and_the_types(tmp_path):
     (ll / "train.jsonl").write_text("\n".join([json.dumps(rec)] + lines[1:]) + "\n")
     with pytest.raises(ValueError, match=r"train.jsonl:1 \(id 'u1-t1'\) profile\[1\] \(id 'u1-a2'\): "
                                          r"field 'abstract' must be str, got int"):
-        load_benchmark("longlamp", ll)
+        get_task("longlamp").load(ll)
 
 
 def test_duplicate_question_ids_are_rejected(tmp_path):
@@ -195,14 +193,14 @@ def test_duplicate_question_ids_are_rejected(tmp_path):
     edit_json(data / "dev_questions.json", lambda qs: qs.__setitem__(2, {**qs[2], "id": "u1-t1"}))
     edit_json(data / "dev_outputs.json", lambda o: o["golds"][2].__setitem__("id", "u1-t1"))
     with pytest.raises(ValueError, match=r"dev_questions.json: record 2 \(id 'u1-t1'\): duplicate question id"):
-        load_benchmark("lamp4", data)
+        get_task("lamp4").load(data)
 
 
 def test_an_output_id_without_a_question_is_named(tmp_path):
     data = copy_fixture(tmp_path, "lamp4")
     edit_json(data / "train_outputs.json", lambda o: o["golds"].append({"id": "ghost", "output": "x"}))
     with pytest.raises(ValueError, match=r"train_outputs.json: output id 'ghost' has no question"):
-        load_benchmark("lamp4", data)
+        get_task("lamp4").load(data)
 
 
 def test_an_empty_profile_is_rejected(tmp_path):
@@ -213,13 +211,13 @@ def test_an_empty_profile_is_rejected(tmp_path):
     lines[2] = json.dumps(rec)
     (ll / "test.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"test.jsonl:3 \(id 'u2-d1'\): field 'profile' is empty"):
-        load_benchmark("longlamp", ll)
+        get_task("longlamp").load(ll)
 
 
 def test_skip_mode_reports_and_skips_only_the_bad_records(tmp_path):
     data = copy_fixture(tmp_path, "lamp4")
     edit_json(data / "dev_questions.json", lambda qs: qs[3].__setitem__("profile", []))
-    bench = load_benchmark("lamp4", data, on_error="skip")
+    bench = get_task("lamp4").load(data, on_error="skip")
     assert "u3-d1" not in ids(bench.test) and len(bench.test) == 3
     assert len(bench.errors) == 1 and "u3-d1" in bench.errors[0]
 
@@ -228,4 +226,4 @@ def test_stop_mode_lists_every_bad_record_at_once(tmp_path):
     data = copy_fixture(tmp_path, "lamp4")
     edit_json(data / "dev_questions.json", lambda qs: [qs[0].pop("input"), qs[3].__setitem__("input", 7)])
     with pytest.raises(ValueError, match=r"2 bad record\(s\)(.|\n)*u1-d1(.|\n)*u3-d1(.|\n)*--on-error skip"):
-        load_benchmark("lamp4", data)
+        get_task("lamp4").load(data)

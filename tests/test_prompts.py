@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from data_process.prompts import build_prompt, postprocess
+from tasks import get_task
+
+
+def build_prompt(task, sample, history, tokenizer=None, max_prompt_tokens=1024):
+    return get_task(task).prompt(sample, history, tokenizer, max_prompt_tokens)
+
+
+def postprocess(task, text):
+    return get_task(task).postprocess(text)
 
 ARTICLE = "Boxes is an extremely configurable filter for adding ASCII art around chunks of text."
 LAMP_SAMPLE = {"id": "u1-boxes", "user_id": "u1", "output": "box drawing filter", "history": [],
@@ -83,11 +91,11 @@ def test_word_counts_stand_in_for_tokens_without_a_tokenizer():
 
 def test_unknown_task_suggests_the_closest_one():
     with pytest.raises(ValueError, match="Did you mean 'lamp4'"):
-        build_prompt("lamp5", LAMP_SAMPLE, [])
+        build_prompt("lamp-4", LAMP_SAMPLE, [])
 
 
 def test_pwab_prompts_are_delegated_to_the_pwab_builder(monkeypatch):
-    import data_process.pwab as pwab
+    import tasks.pwab as pwab
 
     calls = []
     monkeypatch.setattr(pwab, "build_pwab_prompt", lambda *args: calls.append(args) or "PWAB")

@@ -1,4 +1,4 @@
-"""PersonalWAB loader, function-calling prompt and tool-call parsing (data_process/pwab.py)."""
+"""PersonalWAB loader and function-calling prompt (tasks/pwab.py), tool-call parsing (eval/pwab_tools.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from collections import Counter
 
 import pytest
 
-from data_process.pwab import (PARSE_FAILURES, TOOLS, ToolCall, build_pwab_prompt, call_text, format_tool_call,
-                               load_pwab, parse_tool_call, user_sequences)
+from eval.pwab_tools import TOOLS, ToolCall, format_tool_call, parse_tool_call
+from tasks import get_task
+from tasks.pwab import TASK, build_pwab_prompt, load_pwab, user_sequences
 from tests.conftest import FIXTURES
 
 PWAB = FIXTURES / "pwab"
@@ -159,9 +160,11 @@ def test_good_fenced_and_wrapped_calls_parse(text):
     (None, "no_json"),
 ])
 def test_malformed_calls_are_counted_failures_not_crashes(text, reason):
-    failures, before = Counter(), PARSE_FAILURES[reason]
+    failures = Counter()
     assert parse_tool_call(text, failures) is None
-    assert failures == Counter({reason: 1}) and PARSE_FAILURES[reason] == before + 1
+    assert failures == Counter({reason: 1})
+    assert parse_tool_call(text) is None  # without a counter nothing is counted, nothing raises
+    assert failures == Counter({reason: 1})
 
 
 def test_canonical_call_text_round_trips():
@@ -169,7 +172,17 @@ def test_canonical_call_text_round_trips():
     assert parse_tool_call(format_tool_call(call)) == call
 
 
-def test_call_text_finds_the_call_after_an_echoed_schema():
+def test_the_task_postprocess_finds_the_call_after_an_echoed_schema():
     echoed = 'Arguments: {"query": {"type": "string"}}\nSo: ' + GOOD + " done"
-    assert call_text(echoed) == format_tool_call(ToolCall("search_product_by_query", {"query": "burr grinder"}))
-    assert call_text("  no call here ") == "no call here"
+    assert TASK.postprocess(echoed) == format_tool_call(ToolCall("search_product_by_query", {"query": "burr grinder"}))
+    assert TASK.postprocess("  no call here ") == "no call here"
+
+
+def test_the_registered_pwab_task_loads_and_prompts_like_the_module_functions(bench):
+    assert get_task("pwab") is TASK
+    loaded = TASK.load(PWAB)
+    assert (loaded.train, loaded.test) == (bench.train, bench.test)
+    with_history = TASK.load(PWAB, include_history_samples=True)
+    assert len(with_history.train) == len(load_pwab(PWAB, include_history_samples=True).train) > len(bench.train)
+    review = by_id(bench.test)["test-0"]
+    assert TASK.prompt(review, review["history"][:2]) == build_pwab_prompt(review, review["history"][:2])

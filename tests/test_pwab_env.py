@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 
@@ -11,10 +12,12 @@ import pytest
 import torch
 
 import eval.pwab_env as pwab_env
-from data_process.pwab import ToolCall, load_pwab, product_text, user_sequences
+from data_process.config import parse_config
 from data_process.text import BM25
-from eval.pwab_env import PwabEnv, load_catalogue, search_index
+from eval.pwab_env import PwabEnv, load_catalogue, product_text, search_index
+from eval.pwab_tools import ToolCall
 from eval.sasrec import SASRec, SASRecConfig, SASRecRecommender, load_sasrec, save_sasrec, train_sasrec
+from tasks.pwab import load_pwab, user_sequences
 from tests.conftest import FIXTURES
 
 PWAB = FIXTURES / "pwab"
@@ -144,12 +147,25 @@ def test_a_missing_or_mismatched_checkpoint_is_a_clear_error(tmp_path):
         load_sasrec(tmp_path / "x")
 
 
-def test_train_sasrec_script_writes_a_loadable_checkpoint(tmp_path, capsys):
-    from scripts.train_sasrec import main
+def test_train_sasrec_stage_writes_a_loadable_checkpoint(tmp_path, caplog):
+    from stages.train_sasrec import TrainSasrecConfig, run
 
-    manifest = main(["--config", "configs/pwab.json", "--run-dir", str(tmp_path), "--epochs", "3",
-                     "--hidden", "8", "--heads", "1", "--blocks", "1", "--max-len", "8"])
+    caplog.set_level(logging.INFO)
+    argv = ["--config", "configs/pwab.json", "--run-dir", str(tmp_path), "--epochs", "3",
+            "--hidden", "8", "--heads", "1", "--blocks", "1", "--max-len", "8"]
+    manifest = run(parse_config(TrainSasrecConfig, argv))
+    assert manifest["stage"] == "train_sasrec"
     assert len(manifest["losses"]) == 3 and manifest["items"] == 30
     model, items = load_sasrec(tmp_path / "pwab_env" / "sasrec")
     assert model.cfg.hidden == 8 and len(items) == 30
-    assert "trained in" in capsys.readouterr().out
+    assert "trained in" in caplog.text
+    assert run(parse_config(TrainSasrecConfig, argv)) == {}  # finished: not trained again
+
+
+def test_train_sasrec_refuses_a_task_without_a_recommender(tmp_path):
+    from stages.train_sasrec import TrainSasrecConfig, run
+
+    cfg = parse_config(TrainSasrecConfig, ["--task", "lamp4", "--run-dir", str(tmp_path), "--data-dir", str(PWAB)])
+    with pytest.raises(ValueError, match="train_sasrec builds PersonalWAB's recommender; task 'lamp4'"):
+        run(cfg)
+    assert not (tmp_path / "pwab_env").exists()

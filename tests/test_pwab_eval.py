@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_process.pwab import ToolCall, format_tool_call, load_pwab, user_sequences
+import data_process.dense
 from eval.pwab_eval import evaluate_pwab, rank_score, review_similarity
+from eval.pwab_tools import ToolCall, format_tool_call
 from eval.sasrec import save_sasrec, train_sasrec
+from tasks.pwab import TASK, load_pwab, user_sequences
 from tests.conftest import FIXTURES, ROOT
 
 PWAB = FIXTURES / "pwab"
@@ -89,7 +91,7 @@ def test_an_empty_review_scores_zero():
     assert review_similarity(FakeEncoder(), ["great", "  "], ["great", "great"]) == [1.0, 0.0]
 
 
-def test_gold_calls_score_perfectly_in_the_real_environment(tmp_path):
+def test_gold_calls_score_perfectly_in_the_real_environment(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: one thread is fastest
     try:
@@ -97,14 +99,18 @@ def test_gold_calls_score_perfectly_in_the_real_environment(tmp_path):
                                        heads=1, max_len=8)
     finally:
         torch.set_num_threads(threads)
-    save_sasrec(model, items, tmp_path / "sasrec")
+    env_dir = tmp_path / "pwab_env"  # where a run keeps the environment: {run_dir}/pwab_env
+    save_sasrec(model, items, env_dir / "sasrec")
     bench = load_pwab(PWAB)
     records = [{**s, "generation": s["output"], "gold": s["output"], "algo": "gold"} for s in bench.test]
-    scores = evaluate_pwab(records, PWAB, tmp_path, encoder=FakeEncoder())
+    scores = evaluate_pwab(records, PWAB, env_dir, encoder=FakeEncoder())
     o = scores["overall"]
     assert o["facc"] == 1.0 and o["racc_search"] == 1.0 and o["racc_review"] == 1.0  # same text, same vector
     assert 0.0 <= o["racc_recommend"] <= 1.0 and scores["parse_failures"] == {"total": 0}
-    assert (tmp_path / "search_index" / "meta.json").exists()
+    assert (env_dir / "search_index" / "meta.json").exists()
+    # The task scores a run with the environment of its run directory (and the shared encoder).
+    monkeypatch.setattr(data_process.dense, "shared_encoder", FakeEncoder)
+    assert TASK.evaluate(records, data_dir=str(PWAB), run_dir=tmp_path) == {"n": len(records), **scores}
 
 
 @pytest.mark.real_model

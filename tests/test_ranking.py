@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from pathlib import Path
@@ -11,12 +10,11 @@ import pytest
 import torch
 
 from data_process.artifacts import read_json, read_jsonl
-from data_process.ranking import query_text, rank_samples
+from data_process.ranking import rank_samples
+from tasks import get_task
 
-from .conftest import FIXTURES, ROOT, SHARED_DATA
+from .conftest import FIXTURES, ROOT, SHARED_DATA, run_stage
 
-select_stage = importlib.import_module("scripts.01_select_users")
-rank_stage = importlib.import_module("scripts.02_rank_history")
 ENCODER = ROOT / "models" / "all-minilm-l6-v2"
 
 HISTORY = [
@@ -37,14 +35,14 @@ def hand_bm25(tf: dict[str, int], dl: int) -> float:
     return sum(idf[t] * n * 2.5 / (n + norm) for t, n in tf.items())
 
 
-def test_query_drops_the_task_instruction():
-    assert query_text(SAMPLE["input"]) == "Cat on the mat!"
-    assert query_text('Generate an abstract for the title "Steering".') == '"Steering".'
-    assert query_text("find red shoes") == "find red shoes"
+def test_the_query_is_the_task_text_without_its_instruction():
+    assert get_task("lamp4").query(SAMPLE) == "Cat on the mat!"
+    assert get_task("longlamp").query({"input": 'Generate an abstract for the title "Steering".'}) == "Steering"
+    assert get_task("pwab").query({"input": "find red shoes"}) == "find red shoes"
 
 
 def test_bm25_ranks_the_hand_checked_example_and_keeps_time_order_on_ties():
-    (ranked,) = rank_samples([SAMPLE], "bm25")
+    (ranked,) = rank_samples([SAMPLE], "bm25", query=get_task("lamp4").query)
     assert [h["id"] for h in ranked["history"]] == ["h1", "h2", "h0", "h3", "h4"]
     expected_h1 = hand_bm25({"cat": 2, "on": 2, "the": 1, "mat": 2}, dl=9)
     expected_h2 = hand_bm25({"cat": 2, "the": 1}, dl=5)
@@ -72,7 +70,7 @@ class KeywordEncoder:
 
 def test_dense_ranks_by_cosine_and_encodes_each_distinct_text_once():
     encoder = KeywordEncoder()
-    (ranked,) = rank_samples([SAMPLE], "dense", encoder=encoder, batch_size=8)
+    (ranked,) = rank_samples([SAMPLE], "dense", query=get_task("lamp4").query, encoder=encoder, batch_size=8)
     assert [h["id"] for h in ranked["history"]] == ["h1", "h2", "h4", "h0", "h3"]
     assert ranked["scores"] == sorted(ranked["scores"], reverse=True)
     (texts, batch_size), = encoder.calls
@@ -83,7 +81,7 @@ def test_dense_ranks_by_cosine_and_encodes_each_distinct_text_once():
 def test_dense_with_minilm_puts_the_cat_items_first():
     from data_process.dense import DenseEncoder
 
-    (ranked,) = rank_samples([SAMPLE], "dense", encoder=DenseEncoder(ENCODER), batch_size=2)
+    (ranked,) = rank_samples([SAMPLE], "dense", query=get_task("lamp4").query, encoder=DenseEncoder(ENCODER), batch_size=2)
     assert {h["id"] for h in ranked["history"][:2]} == {"h1", "h2"}
 
 
@@ -96,8 +94,8 @@ def test_unknown_ranker_suggests_a_name():
 
 def run_both(run_dir: Path, task: str, data_dir: Path, *rank_flags: str, select_flags=()) -> dict | None:
     config = str(ROOT / "configs" / f"{task}.json")
-    select_stage.main(["--config", config, "--run-dir", str(run_dir), "--data-dir", str(data_dir), *select_flags])
-    return rank_stage.main(["--config", config, "--run-dir", str(run_dir), *rank_flags])
+    run_stage("select_users", ["--config", config, "--run-dir", str(run_dir), "--data-dir", str(data_dir), *select_flags])
+    return run_stage("rank_history", ["--config", config, "--run-dir", str(run_dir), *rank_flags])
 
 
 def ranked_bytes(run_dir: Path) -> dict[str, bytes]:
@@ -133,17 +131,17 @@ def test_an_interrupted_ranking_resumes_to_the_same_files(tmp_path):
     train.write_text("".join(lines[:2]) + lines[2][:10])  # two records and a torn third
     (tmp_path / "ranked" / "manifest.json").unlink()
     (tmp_path / "ranked" / "seen_test.jsonl").unlink()
-    rank_stage.main(["--config", str(ROOT / "configs" / "longlamp.json"), "--run-dir", str(tmp_path)])
+    run_stage("rank_history", ["--config", str(ROOT / "configs" / "longlamp.json"), "--run-dir", str(tmp_path)])
     assert ranked_bytes(tmp_path) == full
 
 
 def test_ranking_needs_the_select_stage_first(tmp_path):
     with pytest.raises(FileNotFoundError, match="run scripts.01_select_users first"):
-        rank_stage.main(["--config", str(ROOT / "configs" / "lamp4.json"), "--run-dir", str(tmp_path)])
+        run_stage("rank_history", ["--config", str(ROOT / "configs" / "lamp4.json"), "--run-dir", str(tmp_path)])
 
 
 def test_a_bad_record_in_a_split_file_names_file_line_and_field(tmp_path):
-    select_stage.main(["--config", str(ROOT / "configs" / "lamp4.json"), "--run-dir", str(tmp_path),
+    run_stage("select_users", ["--config", str(ROOT / "configs" / "lamp4.json"), "--run-dir", str(tmp_path),
                        "--data-dir", str(FIXTURES / "lamp4"), *SMALL])
     path = tmp_path / "data" / "train.jsonl"
     lines = path.read_text().splitlines()
@@ -152,20 +150,20 @@ def test_a_bad_record_in_a_split_file_names_file_line_and_field(tmp_path):
     path.write_text("\n".join([lines[0], json.dumps(rec), *lines[2:]]) + "\n")
     argv = ["--config", str(ROOT / "configs" / "lamp4.json"), "--run-dir", str(tmp_path)]
     with pytest.raises(ValueError, match=rf"train.jsonl:2: record '{rec['id']}': field 'history' must be list"):
-        rank_stage.main(argv)
+        run_stage("rank_history", argv)
     assert not (tmp_path / "ranked").exists()
-    manifest = rank_stage.main(argv + ["--on-error", "skip"])
+    manifest = run_stage("rank_history", argv + ["--on-error", "skip"])
     assert manifest["skipped_records"] == 1
     assert rec["id"] not in {r["id"] for r in read_jsonl(tmp_path / "ranked" / "train.jsonl")}
     assert read_json(tmp_path / "ranked" / "manifest.json")["counts"]["train.jsonl"] == len(lines) - 1
 
 
 def test_duplicate_ids_in_a_split_file_are_rejected(tmp_path):
-    select_stage.main(["--config", str(ROOT / "configs" / "lamp4.json"), "--run-dir", str(tmp_path),
+    run_stage("select_users", ["--config", str(ROOT / "configs" / "lamp4.json"), "--run-dir", str(tmp_path),
                        "--data-dir", str(FIXTURES / "lamp4"), *SMALL])
     path = tmp_path / "data" / "seen_test.jsonl"
     first = path.read_text().splitlines()[0]
     with open(path, "a") as f:
         f.write(first + "\n")
     with pytest.raises(ValueError, match=r"seen_test.jsonl:\d+: record '[^']+': duplicate id"):
-        rank_stage.main(["--config", str(ROOT / "configs" / "lamp4.json"), "--run-dir", str(tmp_path)])
+        run_stage("rank_history", ["--config", str(ROOT / "configs" / "lamp4.json"), "--run-dir", str(tmp_path)])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 from pathlib import Path
@@ -10,17 +9,16 @@ from pathlib import Path
 import pytest
 
 from data_process.artifacts import read_json, read_jsonl
-from data_process.loaders import load_benchmark
+from tasks import get_task
 from data_process.splits import apply_history_rate, build_splits, cluster_users, select_users
 
-from .conftest import FIXTURES, ROOT, SHARED_DATA
+from .conftest import FIXTURES, ROOT, SHARED_DATA, run_stage
 
-select_stage = importlib.import_module("scripts.01_select_users")
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data not present")
 
 
 def run01(run_dir: Path, task: str, data_dir: Path, *flags: str) -> dict | None:
-    return select_stage.main(["--config", str(ROOT / "configs" / f"{task}.json"), "--run-dir", str(run_dir),
+    return run_stage("select_users", ["--config", str(ROOT / "configs" / f"{task}.json"), "--run-dir", str(run_dir),
                               "--data-dir", str(data_dir), *flags])
 
 
@@ -47,7 +45,7 @@ def test_fixture_selection_writes_the_four_splits_with_disjoint_users(tmp_path):
 
 
 def test_selection_honours_min_train_and_min_history():
-    bench = load_benchmark("lamp4", FIXTURES / "lamp4", include_history_samples=False)
+    bench = get_task("lamp4").load(FIXTURES / "lamp4", include_history_samples=False)
     # Every fixture user has exactly one train question; u1's longest test history is 4 items.
     seen, unseen = select_users(bench, num_users=1, num_unseen=0, min_history=4, min_train=1, seed=0)
     assert seen == ["u1"]
@@ -59,7 +57,7 @@ def test_selection_honours_min_train_and_min_history():
 
 @needs_shared
 def test_history_rate_keeps_a_seeded_fraction_and_thins_histories():
-    bench = load_benchmark("lamp4", SHARED_DATA / "lamp4")
+    bench = get_task("lamp4").load(SHARED_DATA / "lamp4")
     seen_test = list(bench.test)
     kept, test, dropped = apply_history_rate(bench.train, seen_test, 0.25, seed=3)
     assert dropped == len(bench.train) - len(kept) > 0
@@ -83,7 +81,7 @@ def test_clusters_are_three_equal_groups_with_the_least_similar_last():
 
 @needs_shared
 def test_cluster_files_split_seen_test_by_similarity_to_own_history():
-    bench = load_benchmark("longlamp", SHARED_DATA / "longlamp")
+    bench = get_task("longlamp").load(SHARED_DATA / "longlamp")
     splits = build_splits(bench, num_users=24, num_unseen=8, min_history=5, min_train=2, seed=42, clusters=True)
     groups = [splits.files[f"seen_test_cluster{k}"] for k in range(3)]
     assert [len(users(g)) for g in groups] == [8, 8, 8]
@@ -106,11 +104,11 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_other_users(tmp_p
     assert len(first["seen_users"]) == 24 and len(first["unseen_users"]) == 8
 
 
-def test_a_finished_stage_is_skipped_unless_overwrite(tmp_path, capsys):
+def test_a_finished_stage_is_skipped_unless_overwrite(tmp_path, caplog):
     flags = ("--num-users", "1", "--num-unseen", "1", "--min-history", "1", "--min-train", "1")
     assert run01(tmp_path, "longlamp", FIXTURES / "longlamp", *flags) is not None
     assert run01(tmp_path, "longlamp", FIXTURES / "longlamp", *flags) is None
-    assert "already finished" in capsys.readouterr().out
+    assert "already finished" in caplog.text
     assert run01(tmp_path, "longlamp", FIXTURES / "longlamp", *flags, "--overwrite") is not None
 
 

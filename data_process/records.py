@@ -1,7 +1,7 @@
-"""Benchmark loaders: raw benchmark files -> normalized samples (``data_process.schema``).
+"""What every benchmark loader shares (the loaders themselves live in ``tasks/``).
 
-Every loader is ``loader(data_dir, *, include_history_samples, on_error) -> Benchmark`` and
-is picked by task name from :data:`LOADERS`.  This module also holds what the loaders share:
+A task's loader maps its raw files to normalized samples (``data_process.schema``) and
+returns a :class:`Benchmark`.  Shared here:
 
 * :class:`ErrorLog` -- bad input handling.  ``on_error="stop"`` (default) gathers every
   problem of the files and then raises one ``ValueError`` listing them, before any stage
@@ -9,6 +9,7 @@ is picked by task name from :data:`LOADERS`.  This module also holds what the lo
   messages in ``Benchmark.errors`` (a stage counts them in its manifest).
 * field helpers (:func:`need_str`, :func:`need_id`, :func:`need_list`) whose messages name
   the file, the record (id or position) and the field;
+* :func:`read_samples` -- a stage's sample JSONL, validated;
 * :func:`assemble` -- the leakage rule and history-item promotion, the same for every task:
   no sample sees its own output or any of its user's test golds in its history, and a
   history item promoted to a training sample only sees the items before it.
@@ -224,38 +225,3 @@ def read_samples(path: str | Path, log: ErrorLog) -> list[dict[str, Any]]:
             seen.add(record["id"])
             samples.append(record)
     return samples
-
-
-def _load_lamp4(data_dir: str | Path, **kw: Any) -> Benchmark:
-    from data_process.lamp import load_lamp4
-
-    return load_lamp4(data_dir, **kw)
-
-
-def _load_longlamp(data_dir: str | Path, **kw: Any) -> Benchmark:
-    from data_process.longlamp import load_longlamp
-
-    return load_longlamp(data_dir, **kw)
-
-
-def _load_pwab(data_dir: str | Path, **kw: Any) -> Benchmark:
-    # Imported here so the registry works before (or without) the PersonalWAB module.
-    from data_process.pwab import load_pwab
-
-    return load_pwab(data_dir, **kw)
-
-
-LOADERS: dict[str, Callable[..., Benchmark]] = {
-    "lamp4": _load_lamp4,
-    "longlamp": _load_longlamp,
-    "pwab": _load_pwab,
-}
-
-
-def load_benchmark(task: str, data_dir: str | Path, *, include_history_samples: bool = True,
-                   on_error: str = "stop") -> Benchmark:
-    """Load ``task``'s raw files from ``data_dir`` (a missing directory is an error)."""
-    loader = choose("task", task, LOADERS)
-    if not Path(data_dir).is_dir():
-        raise FileNotFoundError(f"data directory {data_dir} does not exist (set --data-dir)")
-    return loader(data_dir, include_history_samples=include_history_samples, on_error=on_error)

@@ -1,4 +1,4 @@
-"""LongLaMP abstract generation, temporal setting.
+"""LongLaMP: personalized abstract generation (temporal setting).
 
 Files in ``data_dir``: a training split ``train.*`` and a test split ``test.*`` (or, when
 there is no test file, ``dev.*`` / ``val.*``), each JSON (a list of records), JSONL (one
@@ -15,21 +15,30 @@ the input ``'Generate an abstract for the title "<title>".'``.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_process.loaders import (BadRecord, Benchmark, ErrorLog, assemble, history_items, need_id,
-                                  need_list, need_str)
+from data_process.records import (BadRecord, Benchmark, ErrorLog, assemble, history_items, need_id, need_list,
+                                  need_str)
 from data_process.schema import make_sample
+from tasks.base import TextTask
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 TEST_NAMES = ("test", "dev", "val")
+_ASK = re.compile(r'^\s*generate an abstract for the title\s*"(.*)"\s*\.?\s*$', re.IGNORECASE | re.DOTALL)
 
 
 def abstract_instruction(title: str) -> str:
     """The LongLaMP question input for a paper title."""
     return f'Generate an abstract for the title "{title}".'
+
+
+def title(text: str) -> str:
+    """The title of a LongLaMP input (``Generate an abstract for the title "X".`` -> X)."""
+    match = _ASK.match(text)
+    return (match.group(1) if match else text).strip()
 
 
 def find_split(data_dir: Path, names: tuple[str, ...]) -> Path:
@@ -95,6 +104,31 @@ def _read_split(path: Path, split: str, log: ErrorLog, seen: set[str]) -> list[d
         seen.add(rid)
         samples.append(make_sample(rid, user, text, gold, history, source="question"))
     return samples
+
+
+class LongLamp(TextTask):
+    name = "longlamp"
+    summary = "LongLaMP abstract generation"
+    defaults = {"history_k": 3, "max_new_tokens": 256, "threshold": 0.2}
+    header = "Abstracts this author wrote for earlier papers:"
+
+    def load(self, data_dir: Path, *, include_history_samples: bool = True, on_error: str = "stop") -> Benchmark:
+        return load_longlamp(data_dir, include_history_samples=include_history_samples, on_error=on_error)
+
+    def query(self, sample: dict[str, Any]) -> str:
+        return title(sample["input"])
+
+    def question(self, text: str) -> str:
+        return f'Generate an abstract for the title "{title(text)}".\nWrite only the abstract.'
+
+    def item(self, short: str, long: str) -> str:
+        return f'Abstract: "{long}" for title: "{short}"'
+
+    def fields(self, item: dict[str, Any]) -> tuple[str, str]:
+        return title(item["input"]), item["output"].strip()
+
+
+TASK = LongLamp()
 
 
 def load_longlamp(data_dir: str | Path, *, include_history_samples: bool = True,

@@ -1,4 +1,4 @@
-"""PersonalWAB: loader, function-calling prompt and tool-call parsing.
+"""PersonalWAB: personalized web agent (function calling: search, recommend, review).
 
 Raw files (one directory): ``user_instructions.json`` (``{train: [...], test: [...]}`` of
 ``{user_id, task, type, timestamp, target: {product_info, review}}``),
@@ -21,38 +21,17 @@ task's, in time order, never including the target of any test task (test gold).
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from data_process.artifacts import read_json
-from data_process.loaders import Benchmark, ErrorLog
+from data_process.records import Benchmark, ErrorLog
 from data_process.schema import make_sample
-
-TYPES = {"search": "search_product_by_query", "recommend": "get_recommendations_by_history",
-         "review": "add_product_review"}
-MAX_SEQUENCE = 30  # longest product_sequence the recommender reads
-DEFAULT_MAX_PROMPT_TOKENS = 1024
-
-# name -> (description, argument name, JSON schema of that argument, example value)
-TOOLS: dict[str, tuple[str, str, dict[str, Any], Any]] = {
-    "search_product_by_query": (
-        "search the product catalogue with a text query; returns the top 10 products",
-        "query", {"type": "string"}, "wireless earbuds with long battery life"),
-    "get_recommendations_by_history": (
-        "recommend products that follow a sequence of product asins the user bought "
-        f"(time order, most recent last, at most {MAX_SEQUENCE})",
-        "product_sequence", {"type": "array", "items": {"type": "string"}}, ["B0EXAMPLE1", "B0EXAMPLE2"]),
-    "add_product_review": (
-        "post the user's review of the product they bought", "review", {"type": "string"},
-        "Sturdy and easy to use. Worth the price."),
-}
-
-
-# ----------------------------------------------------------------------------- loading
+from eval.pwab_env import default_cache_dir, numbered_parts, product_text
+from eval.pwab_eval import PWAB_METRICS, evaluate_pwab
+from eval.pwab_tools import MAX_SEQUENCE, TOOLS, TYPES, ToolCall, format_tool_call, parse_tool_call
+from tasks.base import DEFAULT_MAX_PROMPT_TOKENS, Task, token_counter
 
 def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -81,16 +60,6 @@ def _check_behaviour(b: Any, where: str, *, need_review: bool = True) -> str | N
     return None
 
 
-def product_text(info: dict[str, Any]) -> str:
-    """Searchable text of a product: title, features, description, categories, store."""
-    parts: list[str] = [str(info.get("title") or "")]
-    for key in ("features", "description", "categories"):
-        value = info.get(key) or []
-        parts.extend(str(v) for v in (value if isinstance(value, list) else [value]))
-    parts.append(str(info.get("store") or ""))
-    return " ".join(p for p in parts if p.strip())
-
-
 def history_item(b: dict[str, Any]) -> dict[str, Any]:
     """One behaviour as a schema history item (id = asin@timestamp: a user may rebuy)."""
     info, review = b["product_info"], b["review"]
@@ -99,13 +68,6 @@ def history_item(b: dict[str, Any]) -> dict[str, Any]:
             "asin": info["parent_asin"], "title": info["title"],
             "category": info.get("main_category") or "", "rating": _num(review.get("rating")),
             "timestamp": ts}
-
-
-def numbered_parts(data_dir: Path, prefix: str) -> list[Path]:
-    def number(p: Path) -> int:
-        found = re.search(r"(\d+)\.json$", p.name)
-        return int(found.group(1)) if found else 0
-    return sorted(data_dir.glob(f"{prefix}_part_*.json"), key=number)
 
 
 def _load_histories(data_dir: Path, errors: ErrorLog) -> tuple[dict[str, list[dict]], dict[str, dict]]:
@@ -235,8 +197,6 @@ def _history_samples(histories, raw_items, used, history_before) -> list[dict[st
     return samples
 
 
-# ----------------------------------------------------------------------------- prompt
-
 def _tools_text() -> str:
     # A concrete example call per tool: small models copy a template's "{...}" literally.
     lines = []
@@ -281,8 +241,7 @@ def build_pwab_prompt(sample: dict[str, Any], history: list[dict[str, Any]], tok
     """
     if not isinstance(sample.get("input"), str):
         raise ValueError(f"sample {sample.get('id', '?')!r}: missing field 'input'")
-    count = (lambda s: len(s.split())) if tokenizer is None else \
-        (lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"]))
+    count = token_counter(tokenizer)
     lines = [_item_line(n, h, review_words) for n, h in enumerate(history, 1)]
     prompt = _render(sample, lines)
     while lines and count(prompt) > max_prompt_tokens:
@@ -291,85 +250,33 @@ def build_pwab_prompt(sample: dict[str, Any], history: list[dict[str, Any]], tok
     return prompt
 
 
-# ----------------------------------------------------------------------------- parsing
+class PersonalWab(Task):
+    name = "pwab"
+    summary = "PersonalWAB function calling (search, recommend, review)"
+    defaults = {"history_k": 5, "max_new_tokens": 128, "positive_k": 5, "search_threshold": 0.65,
+                "review_threshold": 0.51, "recommend_in_list": True}
+    metrics = tuple(PWAB_METRICS)
+    pair_collector = "tool_calls"
+    record_fields = ("type", "target", "timestamp")
+    setup_stages = ("train_sasrec",)  # the recommender behind get_recommendations_by_history
 
-@dataclass
-class ToolCall:
-    """One parsed tool call."""
+    def load(self, data_dir: Path, *, include_history_samples: bool = False, on_error: str = "stop") -> Benchmark:
+        return load_pwab(data_dir, include_history_samples=include_history_samples, on_error=on_error)
 
-    name: str
-    arguments: dict[str, Any] = field(default_factory=dict)
+    def prompt(self, sample, history, tokenizer=None, max_prompt_tokens=DEFAULT_MAX_PROMPT_TOKENS) -> str:
+        return build_pwab_prompt(sample, history, tokenizer, max_prompt_tokens)
 
+    def postprocess(self, text: str) -> str:
+        """The canonical JSON of the generated call, else the stripped text.
 
-# Why each unparseable generation failed, counted over the process (see reset_failures).
-PARSE_FAILURES: Counter = Counter()
+        Unparseable text is kept as it is, so that evaluation still counts its failure.
+        """
+        call = parse_tool_call(text, Counter())  # counted once, where it is scored
+        return format_tool_call(call) if call else (text or "").strip()
 
-
-def reset_failures() -> None:
-    PARSE_FAILURES.clear()
-
-
-def _json_objects(text: str) -> Iterator[dict]:
-    from collect.generation import json_objects  # one JSON scanner for every output form
-
-    return (obj for obj, _ in json_objects(text))
-
-
-def _as_call(obj: dict[str, Any]) -> tuple[ToolCall | None, str]:
-    if isinstance(obj.get("tool_call"), dict):  # {"tool_call": {...}} wrapper of some prompts
-        obj = obj["tool_call"]
-    name, args = obj.get("name"), obj.get("arguments", obj.get("parameters"))
-    if not isinstance(name, str):
-        return None, "missing_name"
-    if name not in TOOLS:
-        return None, "unknown_tool"
-    if isinstance(args, str):  # OpenAI style: arguments as a JSON string
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            return None, "bad_arguments"
-    if not isinstance(args, dict):
-        return None, "bad_arguments"
-    arg = TOOLS[name][1]
-    if arg not in args:
-        return None, "missing_argument"
-    value = args[arg]
-    ok = isinstance(value, str) if arg != "product_sequence" else \
-        isinstance(value, list) and all(isinstance(v, str) for v in value)
-    if not ok:
-        return None, "wrong_argument_type"
-    return ToolCall(name, {arg: value}), ""
+    def evaluate(self, records, *, data_dir, run_dir) -> dict[str, Any]:
+        # The tool environment (search index, SASRec) is shared by the run: {run_dir}/pwab_env.
+        return {"n": len(records), **evaluate_pwab(records, data_dir, default_cache_dir(run_dir))}
 
 
-def parse_tool_call(text: str, failures: Counter | None = None) -> ToolCall | None:
-    """Parse a generated tool call (bare or fenced JSON, optional ``tool_call`` wrapper).
-
-    Returns None on failure and counts the reason (``no_json``, ``missing_name``,
-    ``unknown_tool``, ``bad_arguments``, ``missing_argument``, ``wrong_argument_type``)
-    in ``failures`` and in the module-wide :data:`PARSE_FAILURES`.  Never raises.
-    """
-    reason = "no_json"
-    for obj in _json_objects(text if isinstance(text, str) else ""):
-        call, why = _as_call(obj)
-        if call is not None:
-            return call
-        if reason == "no_json":
-            reason = why  # the first object's problem is the most telling one
-    PARSE_FAILURES[reason] += 1
-    if failures is not None:
-        failures[reason] += 1
-    return None
-
-
-def call_text(text: str) -> str:
-    """Postprocess a generation: the canonical JSON of its call, else the stripped text.
-
-    Unparseable text is kept as it is, so that evaluation still counts its failure.
-    """
-    call = parse_tool_call(text, Counter())  # counted once, where it is scored
-    return format_tool_call(call) if call else (text or "").strip()
-
-
-def format_tool_call(call: ToolCall) -> str:
-    """Canonical JSON text of a call, the one shape of every gold, chosen and rejected text."""
-    return json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+TASK = PersonalWab()

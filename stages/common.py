@@ -1,0 +1,59 @@
+"""What every stage shares: the config fields with choices, task defaults, stage inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_process.artifacts import MANIFEST, read_jsonl
+from data_process.config import CommonConfig, stage_dir
+from data_process.schema import validate_sample
+from steering.model import DTYPES
+from tasks import Task, get_task, task_names
+
+ON_ERROR = ["stop", "skip"]
+
+
+@dataclass
+class StageConfig(CommonConfig):
+    """:class:`CommonConfig` with the choices that only the upper layers know."""
+
+    task: str = field(default="lamp4", metadata={"help": "benchmark task", "choices": task_names()})
+    dtype: str = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU",
+                                                 "choices": ["auto", *DTYPES]})
+
+
+def task_of(cfg: Any) -> Task:
+    """``cfg``'s task, with every unset (``None``) field the task has a default for filled in.
+
+    A field still ``None`` afterwards is one the task has no default for; stages that need
+    it say so.
+    """
+    task = get_task(cfg.task)
+    for f in dataclasses.fields(cfg):
+        if getattr(cfg, f.name) is None and f.name in task.defaults:
+            setattr(cfg, f.name, task.defaults[f.name])
+    return task
+
+
+def require(cfg: Any, *names: str) -> None:
+    """Raise a clear error for settings that neither the config nor the task gives."""
+    missing = [n for n in names if getattr(cfg, n) is None]
+    if missing:
+        flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+        raise ValueError(f"task {cfg.task!r} has no default for {flags}: pass it as a flag or in the config")
+
+
+def finished_input(run_dir: str | Path, name: str, script: str) -> Path:
+    """The directory of a finished upstream stage, or an error saying which script to run."""
+    path = stage_dir(run_dir, name)
+    if not (path / MANIFEST).exists():
+        raise FileNotFoundError(f"{path / MANIFEST} does not exist: run scripts.{script} first")
+    return path
+
+
+def load_samples(path: Path) -> list[dict]:
+    """Read and validate one split file written by stage 01 or 02."""
+    return [validate_sample(r, f"{path}:{i + 1}") for i, r in enumerate(read_jsonl(path))]

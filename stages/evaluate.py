@@ -1,0 +1,109 @@
+"""Stage 06: score generation runs with the task's metrics; compare two runs.
+
+Writes {run_dir}/generations/{split}/{algo}{tag}/eval/scores.json (overall, per user, per
+sample) and a manifest, then logs a results table (also written as results{tag}.md and a
+bar chart).  ``--compare RUN_A RUN_B`` gives the paired bootstrap 95% interval of B - A
+per metric.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_process.artifacts import Stage, read_json, read_jsonl, write_json
+from data_process.config import stage_dir
+from eval import report
+from stages.common import StageConfig, task_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateConfig(StageConfig):
+    STAGE = "06_evaluate"
+    SECTIONS = ("evaluate",)
+
+    algos: list[str] = field(default_factory=lambda: ["zeroshot", "rag", "steer", "fints"],
+                             metadata={"help": "runs {algo}{tag} of --split to score (missing runs are skipped)"})
+    split: str = field(default="seen_test", metadata={"help": "test split the runs generated"})
+    tag: str = field(default="", metadata={"help": "suffix of the run directories"})
+    gen_dirs: list[str] = field(default_factory=list, metadata={"help": "explicit run directories (override --algos)"})
+    compare: list[str] = field(default_factory=list, metadata={"help": "RUN_A RUN_B: paired bootstrap of B - A"})
+    n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples"})
+    plot: bool = field(default=True, metadata={"help": "write a bar chart of the table (PNG)"})
+
+
+def evaluate_run(gen_dir: str | Path, cfg: Any, *, overwrite: bool = False) -> dict[str, Any]:
+    """Score ``gen_dir/generations.jsonl`` with ``cfg``'s task into ``gen_dir/eval/scores.json``.
+
+    Skipped (the stored scores returned) when the evaluation already finished.  The run
+    directory is ``gen_dir``'s grandparent's parent (``{run_dir}/generations/{split}/{run}``),
+    where task environments (PersonalWAB's search index and recommender) live.
+    """
+    task = task_of(cfg)
+    gen_dir = Path(gen_dir)
+    source = gen_dir / "generations.jsonl"
+    if not (gen_dir / "manifest.json").exists():
+        raise FileNotFoundError(f"{gen_dir}: generation has not finished (no manifest.json); "
+                                "run scripts/05_generate first")
+    stage = Stage(EvaluateConfig.STAGE, gen_dir / "eval", asdict(cfg), overwrite=overwrite)
+    out = stage.out_dir / "scores.json"
+    if stage.done:
+        return read_json(out)
+    records = read_jsonl(source)
+    if not records:
+        raise ValueError(f"{source}: no generation records to evaluate")
+    scores = {"task": task.name, **task.evaluate(records, data_dir=cfg.data_dir, run_dir=gen_dir.parents[2])}
+    scores["algo"] = records[0].get("algo")
+    write_json(out, scores)
+    stage.finish(inputs=[source], outputs=[out], n=len(records), meteor_unavailable=scores.get("meteor_unavailable"))
+    return scores
+
+
+def _runs(cfg: EvaluateConfig) -> dict[str, Path]:
+    if cfg.gen_dirs:
+        return {Path(d).name: Path(d) for d in cfg.gen_dirs}
+    base = stage_dir(cfg.run_dir, "generations") / cfg.split
+    runs = {f"{a}{cfg.tag}": base / f"{a}{cfg.tag}" for a in cfg.algos}
+    missing = [n for n, d in runs.items() if not (d / "manifest.json").exists()]
+    if missing:
+        log.info("[06_evaluate] not generated yet, skipped: %s", missing)
+    return {n: d for n, d in runs.items() if n not in missing}
+
+
+def compare(cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
+    """Paired bootstrap of run B - run A (``--compare A B``), logged and saved next to B."""
+    if len(cfg.compare) != 2:
+        raise ValueError(f"--compare takes two run directories, got {len(cfg.compare)}")
+    a, b = (Path(p) for p in cfg.compare)
+    scores_a, scores_b = (evaluate_run(d, cfg, overwrite=cfg.overwrite) for d in (a, b))
+    result = report.compare_scores(scores_a, scores_b, n_boot=cfg.n_boot, seed=cfg.seed)
+    log.info(report.format_comparison(a.name, b.name, result))
+    write_json(b / "eval" / f"compare_vs_{a.name}.json", {"a": str(a), "b": str(b), "bootstrap": result})
+    return result
+
+
+def run(cfg: EvaluateConfig) -> dict[str, dict]:
+    """Score every finished run of the split (or compare two); return the scores by run name."""
+    task = task_of(cfg)
+    if cfg.compare:
+        compare(cfg)
+        return {}
+    runs = _runs(cfg)
+    if not runs:
+        raise FileNotFoundError(f"no finished generation runs to evaluate under {cfg.run_dir} (split {cfg.split})")
+    scores = {name: evaluate_run(run_dir, cfg, overwrite=cfg.overwrite) for name, run_dir in runs.items()}
+    if any("meteor_unavailable" in s for s in scores.values()):
+        log.warning("[06_evaluate] METEOR unavailable (WordNet not found; run scripts/setup.sh): reporting the rest")
+    rows = {name: s["overall"] for name, s in scores.items()}
+    n = {name: {"n": str(s["n"]), "users": str(s["n_users"])} for name, s in scores.items()}
+    table = report.results_table(rows, metrics=task.metrics, extra=n)
+    log.info("\nResults on %s (%s):\n%s\n", cfg.split, task.name, table)
+    out = stage_dir(cfg.run_dir, "generations") / cfg.split
+    (out / f"results{cfg.tag}.md").write_text(table + "\n", encoding="utf-8")
+    if cfg.plot:
+        report.plot_runs(rows, out / f"results{cfg.tag}.png", metrics=task.metrics)
+    return scores

@@ -1,0 +1,125 @@
+"""Stage 05: generate answers for a test split with one algorithm.
+
+Writes {run_dir}/generations/{split}/{algo}{tag}/generations.jsonl (resumable) and a
+manifest; ``--eval`` scores it right away (stage 06).  ``--plugin DIR`` steers on top of
+per-user LoRA adapters DIR/<user_id>/.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_process.artifacts import JsonlWriter, Stage
+from data_process.config import stage_dir
+from stages.common import StageConfig, load_samples, require, task_of
+from steering.aggregate import RETRIEVERS, WEIGHTINGS
+from steering.algorithms import ALGORITHMS, AlgoSettings, SteerSpec, build_algorithm
+from steering.generation import POSITIONS
+from steering.hooks import SITES
+from steering.model import check_layers, find_layers, load_model, model_name
+from steering.runner import UserAdapters, generate_records
+from steering.user_vectors import USER_STRATEGIES
+from tasks.base import DEFAULT_MAX_PROMPT_TOKENS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateConfig(StageConfig):
+    """Stage 05 settings (config section ``generate``); unset values come from the task."""
+
+    STAGE = "05_generate"
+    SECTIONS = ("generate",)
+
+    algo: str = field(default="fints", metadata={"help": "generation algorithm", "choices": list(ALGORITHMS)})
+    split: str = field(default="seen_test", metadata={"help": "file name (no .jsonl) in {run_dir}/ranked/"})
+    tag: str = field(default="", metadata={"help": "suffix of the output directory name, e.g. _L15"})
+    history_k: int | None = field(default=None, metadata={"help": "history items in the prompt (default: the task's)"})
+    max_prompt_tokens: int = field(default=DEFAULT_MAX_PROMPT_TOKENS, metadata={"help": "prompt budget in tokens"})
+    layers: list[int] = field(default_factory=lambda: [15], metadata={"help": "layers steered"})
+    sites: list[str] = field(default_factory=lambda: ["attn", "mlp"], metadata={"help": "sites steered",
+                                                                               "choices": list(SITES)})
+    alpha: float = field(default=1.0, metadata={"help": "multiplier of attn (and block) vectors"})
+    beta: float = field(default=1.0, metadata={"help": "multiplier of mlp vectors"})
+    multipliers: list[float] = field(default_factory=list, metadata={"help": "one multiplier per layer (overrides alpha/beta)"})
+    positions: str = field(default="all", metadata={"help": "tokens that are steered", "choices": list(POSITIONS)})
+    vec_strategy: str = field(default="mean", metadata={"help": "steer: the per-user vector",
+                                                        "choices": list(USER_STRATEGIES)})
+    top_pairs: int = field(default=5, metadata={"help": "fints: pairs retrieved and aggregated per query"})
+    pair_weighting: str = field(default="softmax", metadata={"help": "fints: weighting of the retrieved pairs",
+                                                             "choices": list(WEIGHTINGS)})
+    softmax_temperature: float = field(default=0.1, metadata={"help": "fints: softmax temperature of retrieval scores"})
+    retriever: str = field(default="bm25", metadata={"help": "fints: pair retrieval", "choices": list(RETRIEVERS)})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "generation length (default: the task's)"})
+    batch_size: int = field(default=8, metadata={"help": "rows per generation batch"})
+    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
+    sampling_temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with --do-sample)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (with --do-sample)"})
+    limit: int = field(default=0, metadata={"help": "only the first N samples of the split (0: all)"})
+    plugin: str = field(default="", metadata={"help": "directory of per-user PEFT LoRA adapters <dir>/<user_id>/"})
+    eval: bool = field(default=False, metadata={"help": "run stage 06 on the result"})
+
+
+def gen_dir(cfg: GenerateConfig) -> Path:
+    """{run_dir}/generations/{split}/{algo}{tag}: where a generation run lives."""
+    return stage_dir(cfg.run_dir, "generations") / cfg.split / f"{cfg.algo}{cfg.tag}"
+
+
+def _settings(cfg: GenerateConfig, task, model, tok) -> AlgoSettings:
+    spec = None
+    if ALGORITHMS[cfg.algo].steers:
+        check_layers(find_layers(model), cfg.layers)
+        spec = SteerSpec.build(cfg.layers, cfg.sites, cfg.alpha, cfg.beta, cfg.multipliers)
+    return AlgoSettings(
+        task=task, tokenizer=tok, history_k=cfg.history_k, max_prompt_tokens=cfg.max_prompt_tokens, steer=spec,
+        vectors_dir=stage_dir(cfg.run_dir, "vectors"), vec_strategy=cfg.vec_strategy, top_k=cfg.top_pairs,
+        weighting=cfg.pair_weighting, temperature=cfg.softmax_temperature, retriever=cfg.retriever,
+        model=model, hidden_size=model.config.hidden_size)
+
+
+def run(cfg: GenerateConfig, model=None, tok=None) -> Path:
+    """Generate (or resume) one split with one algorithm; return the output directory.
+
+    Pass a loaded ``(model, tok)`` to reuse it across runs (sweeps, tests).
+    """
+    task = task_of(cfg)
+    require(cfg, "history_k", "max_new_tokens")
+    out = gen_dir(cfg)
+    stage = Stage(cfg.STAGE, out, cfg, overwrite=cfg.overwrite)
+    if not stage.done:
+        source = stage_dir(cfg.run_dir, "ranked") / f"{cfg.split}.jsonl"
+        samples = load_samples(source)
+        samples = samples[: cfg.limit] if cfg.limit > 0 else samples
+        if model is None:
+            model, tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
+        settings = _settings(cfg, task, model, tok)
+        algo = build_algorithm(cfg.algo, settings)
+        gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+                          temperature=cfg.sampling_temperature, top_p=cfg.top_p, seed=cfg.seed,
+                          positions=cfg.positions)
+        adapters = UserAdapters(model, cfg.plugin, [s["user_id"] for s in samples]) if cfg.plugin else None
+        try:
+            with JsonlWriter(out / "generations.jsonl") as writer:
+                summary = generate_records(model, tok, algo, samples, writer, task=task, algo_name=cfg.algo,
+                                           batch_size=cfg.batch_size, gen_kwargs=gen_kwargs, adapters=adapters)
+        finally:
+            if adapters is not None:
+                adapters.close()
+        if summary["users_without_vectors"]:
+            log.warning("[05_generate] %d user(s) have no steering vectors (no pairs: unseen users, or all their "
+                        "tries were dropped); their rows ran as plain RAG: %s",
+                        len(summary["users_without_vectors"]), summary["users_without_vectors"])
+        if adapters is not None:
+            summary["users_without_adapter"] = adapters.missing
+        log.info("[05_generate] %s on %s: %d generated, %d resumed -> %s", cfg.algo, cfg.split,
+                 summary["n_generated"], summary["n_resumed"], out / "generations.jsonl")
+        stage.finish(inputs=[source], outputs=[out / "generations.jsonl"], model=model_name(model), seed=cfg.seed,
+                     steering=settings.steer.scales if settings.steer else None, **summary)
+    if cfg.eval:
+        from stages.evaluate import evaluate_run
+
+        scores = evaluate_run(out, cfg)
+        log.info("[06_evaluate] %s: %s", cfg.algo, scores.get("overall"))
+    return out

@@ -1,0 +1,133 @@
+"""Batched, steerable generation shared by pair collection (03) and generation (05).
+
+Prompts are user messages rendered with :func:`steering.model.chat_prompt`, tokenized,
+sorted by token length (longest first, so padding is small and an out-of-memory batch
+shows up at once) -- the one place rows are sorted and batched -- left padded and decoded
+greedily by default.  Per-row steering deltas travel with their rows through the sort.
+:func:`generate_batches` yields each finished batch (so a caller can write records as
+they come); :func:`generate` returns every answer in input order.  An answer is the
+decoded text up to EOS with an echoed role marker removed (:func:`clean_output`); what a
+task makes of it is the task's ``postprocess``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from steering.hooks import add_vectors
+from steering.model import chat_prompt, left_pad
+
+log = logging.getLogger(__name__)
+
+POSITIONS = ("all", "prompt", "response")
+
+# A chat template's role marker that some models echo at the start of their answer.
+# "model" only before a newline (Gemma's turn header): "Model: X" can be a real answer.
+_ROLE_ECHO = re.compile(r"^\s*(?:<\|im_start\|>|<start_of_turn>)?\s*(?:assistant\s*(?::|\n)|model[ \t]*\n)\s*",
+                        re.IGNORECASE)
+
+
+def clean_output(text: str) -> str:
+    """One generated text, stripped, with any leading echoed role marker (``assistant\\n``) removed."""
+    text = text or ""
+    while True:  # a model may echo the marker more than once
+        stripped = _ROLE_ECHO.sub("", text, count=1)
+        if stripped == text:
+            return text.strip()
+        text = stripped
+
+
+def _eos_ids(model, tok) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    return ids
+
+
+def _cut_at_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
+    # Rows that finished early are padded to the batch's length after their EOS.
+    for j, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[:j]
+    return tokens
+
+
+def _check_deltas(deltas: dict[str, torch.Tensor] | None, n: int) -> None:
+    for key, value in (deltas or {}).items():
+        if value.dim() != 2 or value.shape[0] != n:
+            raise ValueError(f"deltas[{key!r}] has shape {tuple(value.shape)}; expected "
+                             f"[{n}, hidden] (one row per message)")
+
+
+def _sampling_kwargs(do_sample: bool, temperature: float, top_p: float) -> dict:
+    if do_sample:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    # Explicit None silences warnings from generation configs that set sampling values.
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+def generate(model, tok, messages: list[str], **kwargs) -> list[str]:
+    """Generate one answer per user message; answers in input order (see :func:`generate_batches`)."""
+    results: list[str] = [""] * len(messages)
+    for rows, texts in generate_batches(model, tok, messages, **kwargs):
+        for i, text in zip(rows, texts):
+            results[i] = text
+    return results
+
+
+@torch.no_grad()
+def generate_batches(model, tok, messages: list[str], *, max_new_tokens: int, batch_size: int = 16,
+                     do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                     deltas: dict[str, torch.Tensor] | None = None, positions: str = "all",
+                     desc: str = "generate") -> Iterator[tuple[list[int], list[str]]]:
+    """Yield ``(message indices, answers)`` batch by batch, longest prompts first.
+
+    ``deltas`` maps hook sites (``attn.L`` / ``mlp.L`` / ``block.L``) to one steering row
+    per message (``[len(messages), hidden]``, already scaled); each batch carries its own
+    rows through :func:`steering.hooks.add_vectors`.  Batch composition depends only on the
+    messages and ``batch_size``; sampling is reproducible for a given ``seed``, message
+    list and ``batch_size``, and the global RNG is left untouched.
+    """
+    if positions not in POSITIONS:
+        raise ValueError(f"unknown positions {positions!r}; choose one of {list(POSITIONS)}")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be >= 1")
+    if not messages:
+        return
+    _check_deltas(deltas, len(messages))
+    device = next(model.parameters()).device
+    encoded = [tok(chat_prompt(tok, m), add_special_tokens=False)["input_ids"] for m in messages]
+    # Ties by index: the batches are a function of the messages alone.
+    order = sorted(range(len(messages)), key=lambda i: (-len(encoded[i]), i))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else _eos_ids(model, tok)[0]
+    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=_eos_ids(model, tok),
+                  pad_token_id=pad_id, **_sampling_kwargs(do_sample, temperature, top_p))
+    starts = range(0, len(order), batch_size)
+    for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", leave=False)):
+        rows = order[start:start + batch_size]
+        ids, mask = left_pad([encoded[i] for i in rows], pad_id, device)
+        new_tokens = _generate_batch(model, ids, mask, kwargs, deltas, rows, positions, seed + b)
+        yield rows, [clean_output(tok.decode(_cut_at_eos(t.tolist(), kwargs["eos_token_id"]),
+                                             skip_special_tokens=True)) for t in new_tokens]
+
+
+def _generate_batch(model, ids, mask, kwargs, deltas, rows, positions, seed) -> list[torch.Tensor]:
+    """Run one padded batch (steered when ``deltas``) and return its new tokens per row."""
+    devices = [ids.device] if ids.device.type == "cuda" else []
+    # fork_rng keeps each batch's sampling independent of what ran before it.
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        if deltas:
+            index = torch.tensor(rows, dtype=torch.long)
+            batch_deltas = {k: v[index].to(ids.device) for k, v in deltas.items()}
+            with add_vectors(model, batch_deltas, positions=positions, prompt_length=ids.shape[1]):
+                out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        else:
+            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    return list(out[:, ids.shape[1]:])

@@ -1,0 +1,136 @@
+"""What a benchmark task is: everything the pipeline needs to know about one benchmark.
+
+A :class:`Task` loads the benchmark's raw files into samples, says what text of a sample
+is its retrieval query, writes the user message for a sample and a list of history items,
+turns a generation into the answer that is scored, scores a run, and carries the task's
+defaults for stage settings (``history_k``, ``max_new_tokens``, pair thresholds, ...).
+Nothing outside ``tasks/`` knows which benchmark it runs.
+
+:class:`TextTask` is the shape of the text-generation tasks (LaMP-4, LaMP-5, LongLaMP):
+a header and one line per history item above the question; the prompt is fitted to a
+token budget by shortening the items' long fields first and dropping the least relevant
+items next; the question itself is never cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from data_process.records import Benchmark
+from eval.report import TEXT_METRICS, score_records
+
+DEFAULT_MAX_PROMPT_TOKENS = 1024
+MIN_ITEM_TOKENS = 8  # a history item shorter than this says nothing useful: drop it instead
+
+
+class Task:
+    """One benchmark.  Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    # Stage settings this task decides unless a config or flag does (field name -> value).
+    defaults: ClassVar[dict[str, Any]] = {}
+    metrics: ClassVar[tuple[str, ...]] = TEXT_METRICS
+    # How stage 03 judges a try (a key of ``collect.COLLECTORS``).
+    pair_collector: ClassVar[str] = "rouge"
+    # Sample fields that generation records carry besides id, user, prompt and gold.
+    record_fields: ClassVar[tuple[str, ...]] = ()
+    # Scripts that build the task's environment before pair collection (run by run.sh).
+    setup_stages: ClassVar[tuple[str, ...]] = ()
+
+    def load(self, data_dir: Path, *, include_history_samples: bool = True, on_error: str = "stop") -> Benchmark:
+        """The benchmark's training and test samples (history in time order, no leakage)."""
+        raise NotImplementedError
+
+    def query(self, sample: dict[str, Any]) -> str:
+        """The text of ``sample`` that its history and pairs are retrieved with."""
+        return sample["input"]
+
+    def prompt(self, sample: dict[str, Any], history: list[dict[str, Any]], tokenizer=None,
+               max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> str:
+        """The user message for ``sample`` with ``history`` items (most relevant first) above it."""
+        raise NotImplementedError
+
+    def postprocess(self, text: str) -> str:
+        """The answer in a generated text (what is scored and compared with the gold)."""
+        return (text or "").strip()
+
+    def evaluate(self, records: list[dict[str, Any]], *, data_dir: str, run_dir: Path) -> dict[str, Any]:
+        """Scores of a run's generation records: ``overall``, ``per_user``, ``per_sample``, ..."""
+        return score_records(records)
+
+
+def token_counter(tokenizer) -> Callable[[str], int]:
+    """Counts tokens with ``tokenizer``, or whitespace words without one (a rough stand-in)."""
+    if tokenizer is None:
+        return lambda text: len(text.split())
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def shorten(text: str, n_tokens: int, tokenizer) -> str:
+    """``text`` cut to at most ``n_tokens`` (the " ..." that marks the cut included)."""
+    if tokenizer is None:
+        words = text.split()
+        return text if len(words) <= n_tokens else " ".join(words[:max(n_tokens - 1, 1)]) + " ..."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= n_tokens:
+        return text
+    mark = len(tokenizer(" ...", add_special_tokens=False)["input_ids"])
+    return tokenizer.decode(ids[:max(n_tokens - mark, 1)]).rstrip() + " ..."
+
+
+class TextTask(Task):
+    """A text-generation task: history lines ``item(short, long)`` under ``header``.
+
+    Subclasses give ``header``, :meth:`question` (sample input -> question text),
+    :meth:`item` and :meth:`fields` (history item -> its short and long field).
+    """
+
+    header: ClassVar[str]
+
+    def question(self, text: str) -> str:
+        raise NotImplementedError
+
+    def item(self, short: str, long: str) -> str:
+        raise NotImplementedError
+
+    def fields(self, item: dict[str, Any]) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def prompt(self, sample, history, tokenizer=None, max_prompt_tokens=DEFAULT_MAX_PROMPT_TOKENS) -> str:
+        if "input" not in sample:
+            raise ValueError(f"sample {sample.get('id', '?')!r}: missing field 'input'")
+        question = self.question(sample["input"])
+        try:
+            pairs = [self.fields(item) for item in history]
+        except KeyError as err:
+            raise ValueError(f"sample {sample.get('id', '?')!r}: a history item lacks field {err}") from None
+        return self._fit(question, pairs, tokenizer, max_prompt_tokens)
+
+    def _render(self, question: str, lines: list[str]) -> str:
+        if not lines:
+            return question
+        return self.header + "\n" + "\n".join(f"- {line}" for line in lines) + "\n\n" + question
+
+    def _fit(self, question: str, pairs: list[tuple[str, str]], tokenizer, budget: int) -> str:
+        """Shorten long fields, then drop the least relevant items, until the prompt fits."""
+        count = token_counter(tokenizer)
+        lines = [self.item(short, long) for short, long in pairs]
+        if count(self._render(question, lines)) <= budget:
+            return self._render(question, lines)
+        overhead = count("- " + self.item("", "") + "\n")
+        spare = budget - count(self._render(question, [self.item("", "")])) + overhead
+        n = len(pairs)  # keep the most relevant items that each still get a useful share
+        while n and spare // n - overhead < 2 * MIN_ITEM_TOKENS:
+            n -= 1
+        lines = []
+        for short, long in pairs[:n]:
+            room = spare // n - overhead - 2  # 2: re-tokenizing joined text may add a token
+            short = shorten(short, max(room // 2, MIN_ITEM_TOKENS), tokenizer)
+            long = shorten(long, max(room - count(short), MIN_ITEM_TOKENS), tokenizer)
+            lines.append(self.item(short, long))
+        while lines and count(self._render(question, lines)) > budget:
+            lines.pop()  # history is most relevant first: drop from the end
+        return self._render(question, lines)
