@@ -8,7 +8,7 @@ For each training sample (``03_collect_pairs`` with task ``pwab``):
    search score (``1 - rank/len``) above ``search_threshold``, the target in the
    recommended list (``recommend_in_list``; else the search threshold applies too).
    A sample without a positive gives no pair.
-2. **Negatives.**  ``num_neg_per_user`` tries with the histories (top ``k``) of random
+2. **Negatives.**  ``num_neg_per_user`` tries with the histories (top ``history_k``) of random
    other users (seeded per sample); a try is kept when it names the wrong function or
    its score is under the type's threshold (review: similarity under
    ``review_threshold``).  Unparseable tries are dropped (``dropped_empty``), so chosen
@@ -43,7 +43,7 @@ def _good(cfg, kind: str, score: float) -> bool:
     """Whether a right-function call's result score makes it a success."""
     if kind == "review":
         return score > cfg.review_threshold
-    if kind == "recommend" and getattr(cfg, "recommend_in_list", True):
+    if kind == "recommend" and cfg.recommend_in_list:
         return score > 0.0
     return score > cfg.search_threshold
 
@@ -92,6 +92,10 @@ def collect_pwab_pairs(cfg, task: Task, samples: list[dict], other_samples: list
     ``done_ids``, ``write(record)`` and ``mark_done(sample_id, **counts)``
     (:class:`collect.pairs.PairWriter`).
     """
+    missing = [n for n in ("history_k", "positive_k", "search_threshold", "review_threshold", "recommend_in_list")
+               if getattr(cfg, n) is None]
+    if missing:
+        raise ValueError(f"PersonalWAB pair collection needs settings {missing} (the pwab task's defaults fill them)")
     # The raw text is parsed by parse_tool_call, which finds the call among echoed schemas.
     generate_fn = generate_fn or generator_for(cfg, model, tok, "pwab calls")
     env = env or PwabEnv(cfg.data_dir, default_cache_dir(cfg.run_dir))

@@ -10,6 +10,7 @@ metadata lists ``choices`` rejects other values, from the file as from the comma
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -105,10 +106,22 @@ def config_defaults(path: str | Path, config_cls: type, section: str) -> dict[st
     return defaults
 
 
+class _Parser(HfArgumentParser):
+    """Flag errors raise ``ValueError`` (one ``error:`` line from the CLI, no usage dump)."""
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is not None and value not in action.choices:
+            raise argparse.ArgumentError(action, f"{value!r} is not one of {list(action.choices)}."
+                                                 f"{suggest(str(value), [str(c) for c in action.choices])}")
+
+    def error(self, message: str):  # noqa: ANN201 -- argparse's signature
+        raise ValueError(f"{message} (see --help)")
+
+
 def parse_config(config_cls: type[T], argv: list[str] | None = None) -> T:
     """Parse a stage config: dataclass defaults < ``--config`` JSON sections < CLI flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(config_cls)
+    parser = _Parser(config_cls)
     config_path = _peek_config(argv)
     if config_path:
         for section in config_cls.SECTIONS:

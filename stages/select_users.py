@@ -29,8 +29,8 @@ class SelectUsersConfig(StageConfig):
     num_unseen: int = field(default=8, metadata={"help": "number of test-only (unseen) users"})
     min_history: int = field(default=5, metadata={"help": "least history items a selected user has"})
     min_train: int = field(default=2, metadata={"help": "least training samples a seen user has"})
-    include_history_samples: bool = field(
-        default=True, metadata={"help": "also make training samples of the users' history items"})
+    include_history_samples: bool | None = field(
+        default=None, metadata={"help": "also make training samples of the users' history items (default: the task's)"})
     history_rate: float = field(
         default=1.0, metadata={"help": "sparsity: keep this seeded fraction (0, 1] of each seen user's "
                                        "training samples"})

@@ -109,7 +109,7 @@ def _read_split(path: Path, split: str, log: ErrorLog, seen: set[str]) -> list[d
 class LongLamp(TextTask):
     name = "longlamp"
     summary = "LongLaMP abstract generation"
-    defaults = {"history_k": 3, "max_new_tokens": 256, "threshold": 0.2}
+    defaults = {"include_history_samples": True, "history_k": 3, "max_new_tokens": 256, "threshold": 0.2}
     header = "Abstracts this author wrote for earlier papers:"
 
     def load(self, data_dir: Path, *, include_history_samples: bool = True, on_error: str = "stop") -> Benchmark:

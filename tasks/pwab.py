@@ -253,7 +253,7 @@ def build_pwab_prompt(sample: dict[str, Any], history: list[dict[str, Any]], tok
 class PersonalWab(Task):
     name = "pwab"
     summary = "PersonalWAB function calling (search, recommend, review)"
-    defaults = {"history_k": 5, "max_new_tokens": 128, "positive_k": 5, "search_threshold": 0.65,
+    defaults = {"include_history_samples": False, "history_k": 5, "max_new_tokens": 128, "positive_k": 5, "search_threshold": 0.65,
                 "review_threshold": 0.51, "recommend_in_list": True}
     metrics = tuple(PWAB_METRICS)
     pair_collector = "tool_calls"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -10,7 +9,9 @@ import pytest
 from collect.pairs import PairSettings, PairWriter, collect_pairs, other_users_pools, try_histories
 from data_process.artifacts import read_jsonl, write_jsonl
 
-from .conftest import ROOT
+from tasks import get_task
+
+from .conftest import ROOT, run_stage
 
 USERS = ["ua", "ub", "uc"]
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india"]
@@ -54,7 +55,7 @@ class FakeGenerator:
 
 
 def run(tmp_path, generator, **settings):
-    settings = {"task": "lamp4", "samples_per_chunk": 2, "seed": 1, **settings}
+    settings = {"task": get_task("lamp4"), "samples_per_chunk": 2, "seed": 1, **settings}
     writer = PairWriter(tmp_path)
     try:
         return collect_pairs(SAMPLES, SAMPLES + REMAIN, generator, PairSettings(**settings), writer)
@@ -145,14 +146,13 @@ def test_samples_that_kept_no_pair_are_not_redone(tmp_path):
     assert again.calls == [] and read_jsonl(tmp_path / "pairs.jsonl") == []
 
 
-def test_the_script_collects_pairs_with_a_tiny_model_and_skips_when_done(tmp_path, tiny_llama_dir, capsys):
-    stage = importlib.import_module("scripts.03_collect_pairs")
+def test_the_stage_collects_pairs_with_a_tiny_model_and_skips_when_done(tmp_path, tiny_llama_dir, caplog):
     write_jsonl(tmp_path / "ranked" / "train.jsonl", SAMPLES)
     write_jsonl(tmp_path / "ranked" / "remain_train.jsonl", REMAIN)
     argv = ["--task", "lamp4", "--run-dir", str(tmp_path), "--model", "models/not-this-one",
             "--collect-model", str(tiny_llama_dir), "--device", "cpu", "--threshold", "1.01",
             "--max-new-tokens", "4", "--batch-size", "4", "--max-samples", "4"]
-    stage.main(argv)
+    run_stage("collect_pairs", argv)
     pairs = read_jsonl(tmp_path / "pairs" / "pairs.jsonl")
     manifest = json.loads((tmp_path / "pairs" / "manifest.json").read_text())
     summary = json.loads((tmp_path / "pairs" / "summary.json").read_text())
@@ -160,40 +160,45 @@ def test_the_script_collects_pairs_with_a_tiny_model_and_skips_when_done(tmp_pat
     assert len(pairs) == summary["totals"]["kept"]
     assert {p["sample_id"] for p in pairs} <= {s["id"] for s in SAMPLES[:4]}
     assert manifest["stage"] == "03_collect_pairs" and manifest["totals"] == summary["totals"]
-    assert "kept" in capsys.readouterr().out
-    stage.main(argv)
-    assert "already finished" in capsys.readouterr().out
+    assert "kept" in caplog.text
+    caplog.clear()
+    run_stage("collect_pairs", argv)
+    assert "already finished" in caplog.text
 
 
-def test_task_config_sections_parse_into_the_stage_config():
-    from collect.pairs import CollectPairsConfig
+def test_task_config_sections_and_task_defaults_fill_the_stage_config():
     from data_process.config import parse_config
+    from stages.collect_pairs import CollectPairsConfig
+    from stages.common import task_of
 
     for task, threshold in [("lamp4", 0.15), ("longlamp", 0.2)]:
-        cfg = parse_config(CollectPairsConfig, "collect_pairs", ["--config", str(ROOT / "configs" / f"{task}.json")])
-        assert cfg.resolved_threshold() == threshold
-    cfg = parse_config(CollectPairsConfig, "collect_pairs", ["--config", str(ROOT / "configs" / "pwab.json")])
+        cfg = parse_config(CollectPairsConfig, ["--config", str(ROOT / "configs" / f"{task}.json")])
+        task_of(cfg)
+        assert cfg.threshold == threshold
+    cfg = parse_config(CollectPairsConfig, ["--config", str(ROOT / "configs" / "lamp4.json"), "--threshold", "0.4"])
+    task_of(cfg)
+    assert cfg.threshold == 0.4  # a flag wins over the task's default
+    cfg = parse_config(CollectPairsConfig, ["--config", str(ROOT / "configs" / "pwab.json")])
+    task_of(cfg)
     assert (cfg.search_threshold, cfg.review_threshold, cfg.positive_k) == (0.65, 0.51, 5)
 
 
-def test_the_script_hands_pwab_collection_to_the_pwab_collector(tmp_path, tiny_llama_dir, monkeypatch):
-    import sys
-    import types
+def test_the_stage_hands_pwab_collection_to_the_task_s_collector(tmp_path, tiny_llama_dir, monkeypatch):
+    import collect
 
     seen = {}
 
-    def fake_collect(cfg, samples, other_samples, model, tok, writer, done_sample_ids):
-        seen.update(task=cfg.task, n=len(samples), others=len(other_samples), done=set(done_sample_ids),
+    def fake_collect(cfg, task, samples, other_samples, model, tok, writer):
+        seen.update(task=task.name, n=len(samples), others=len(other_samples), done=set(writer.done_ids),
                     positive_k=cfg.positive_k)
         writer.write({"pair_id": "p0", "user_id": "ua", "sample_id": samples[0]["id"], "prompt": "q",
                       "chosen": "c", "rejected": "r", "rouge_l": 0.0, "score": 0.1})
         writer.mark_done(samples[0]["id"], user_id="ua", tries=1, kept=1)
         return {"pwab": {"search": 1}}
 
-    monkeypatch.setitem(sys.modules, "collect.pwab_pairs", types.SimpleNamespace(collect_pwab_pairs=fake_collect))
-    stage = importlib.import_module("scripts.03_collect_pairs")
+    monkeypatch.setitem(collect.COLLECTORS, "tool_calls", fake_collect)
     write_jsonl(tmp_path / "ranked" / "train.jsonl", SAMPLES)
-    stage.main(["--task", "pwab", "--run-dir", str(tmp_path), "--model", str(tiny_llama_dir), "--device", "cpu"])
+    run_stage("collect_pairs", ["--task", "pwab", "--run-dir", str(tmp_path), "--model", str(tiny_llama_dir), "--device", "cpu"])
     assert seen == {"task": "pwab", "n": 9, "others": 9, "done": set(), "positive_k": 5}
     summary = json.loads((tmp_path / "pairs" / "summary.json").read_text())
     assert summary["pwab"] == {"search": 1} and summary["totals"]["kept"] == 1

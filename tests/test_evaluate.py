@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -10,8 +9,10 @@ import pytest
 from data_process.artifacts import read_json, write_json, write_jsonl
 from eval import report
 from eval.metrics import meteor, meteor_available, rouge
+from stages.evaluate import EvaluateConfig, evaluate_run
 
-evaluate_stage = importlib.import_module("scripts.06_evaluate")
+from .conftest import run_stage
+
 
 
 def test_rouge_of_a_prefix_is_two_thirds_when_it_covers_half_the_reference():
@@ -115,26 +116,26 @@ def _finished_run(root, name: str, gens: dict) -> str:
     return str(run)
 
 
-def test_stage_06_writes_scores_and_a_manifest_and_skips_when_done(tmp_path, capsys):
+def test_stage_06_writes_scores_and_a_manifest_and_skips_when_done(tmp_path, caplog):
     _finished_run(tmp_path, "rag", {"s1": ("u1", "the cat sat", "the cat sat on the mat")})
     argv = ["--task", "lamp4", "--run-dir", str(tmp_path), "--algos", "zeroshot", "rag"]
-    scores = evaluate_stage.main(evaluate_stage.parse_config(evaluate_stage.EvaluateConfig, "evaluate", argv))
+    scores = run_stage("evaluate", argv)
     out = tmp_path / "generations" / "seen_test" / "rag" / "eval"
     stored = read_json(out / "scores.json")
     assert stored["overall"]["rougeL"] == pytest.approx(2 / 3)
     assert (out / "manifest.json").exists() and scores["rag"]["n"] == 1
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert "not generated yet, skipped: ['zeroshot']" in printed and "| rag | 0.6667 | 0.6667 |" in printed
     assert (tmp_path / "generations" / "seen_test" / "results.png").exists()
 
 
-def test_compare_prints_a_bootstrap_interval_per_metric(tmp_path, capsys):
+def test_compare_prints_a_bootstrap_interval_per_metric(tmp_path, caplog):
     gens_a = {f"s{i}": ("u", "nothing", "the cat sat") for i in range(5)}
     gens_b = {f"s{i}": ("u", "the cat sat", "the cat sat") for i in range(5)}
     run_a, run_b = _finished_run(tmp_path, "rag", gens_a), _finished_run(tmp_path, "fints", gens_b)
     argv = ["--task", "lamp4", "--run-dir", str(tmp_path), "--compare", run_a, run_b, "--n-boot", "100"]
-    evaluate_stage.main(evaluate_stage.parse_config(evaluate_stage.EvaluateConfig, "evaluate", argv))
-    printed = capsys.readouterr().out
+    run_stage("evaluate", argv)
+    printed = caplog.text
     assert "fints - rag" in printed and "ROUGE-L  +1.0000  95% CI [+1.0000, +1.0000]  B better" in printed
     saved = json.loads((tmp_path / "generations/seen_test/fints/eval/compare_vs_rag.json").read_text())
     assert saved["bootstrap"]["rouge1"]["diff"] == pytest.approx(1.0)
@@ -144,7 +145,7 @@ def test_evaluating_an_unfinished_generation_says_to_run_stage_05(tmp_path):
     run = tmp_path / "generations" / "seen_test" / "rag"
     write_jsonl(run / "generations.jsonl", _records({"s1": ("u", "a", "b")}))
     with pytest.raises(FileNotFoundError, match="05_generate"):
-        report.evaluate_run(run, task="lamp4", config={})
+        evaluate_run(run, EvaluateConfig(task="lamp4"))
 
 
 def test_without_wordnet_meteor_is_left_out_and_the_reason_recorded(monkeypatch):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
+
 import json
 
 import pytest
 import torch
 
+from tests.conftest import run_stage
 from steering.extract import answer_means, check_finite, encode_pair, extract_chunked, extract_pairs
 from steering.hooks import record_activations
 from steering.model import chat_prompt
@@ -121,12 +122,11 @@ def test_chunked_extraction_resumes_from_finished_chunks(tiny_llama, tmp_path):
     assert len(rec["block.0"]) == 3  # a changed fingerprint recomputes every chunk
 
 
-def test_stage_04_script_writes_vectors_index_and_user_vectors(tiny_qwen2_dir, tiny_qwen2, tmp_path):
+def test_stage_04_writes_vectors_index_and_user_vectors(tiny_qwen2_dir, tiny_qwen2, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "pairs").mkdir(parents=True)
     (run_dir / "pairs" / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
-    script = importlib.import_module("scripts.04_extract_vectors")
-    script.main(["--run-dir", str(run_dir), "--model", str(tiny_qwen2_dir), "--device", "cpu",
+    run_stage("extract_vectors", ["--run-dir", str(run_dir), "--model", str(tiny_qwen2_dir), "--device", "cpu",
                  "--dtype", "float32", "--layers", "0", "1", "--sites", "attn", "mlp", "--chunk-pairs", "2"])
     out = run_dir / "vectors"
     assert (out / "manifest.json").exists() and not (out / "chunks").exists()

@@ -34,13 +34,22 @@ def test_layer_discovery_knows_gpt2_style_models():
 
 
 def test_layer_discovery_error_says_what_it_looked_for_and_how_to_override():
-    with pytest.raises(ValueError, match="layers_attr"):
+    with pytest.raises(ValueError, match="layers-attr"):
         find_layers(torch.nn.Linear(2, 2))
     model = torch.nn.Module()
     model.blocks = torch.nn.ModuleList([torch.nn.Module()])
     model.blocks[0].att = torch.nn.Identity()
     model.blocks[0].ff = torch.nn.Identity()
     assert find_layers(model, layers_attr="blocks", attn_attr="att", mlp_attr="ff")[0].mlp is model.blocks[0].ff
+    model.fints_layout = ("blocks", "att", "ff")  # what load_model(..., layers_attr="blocks:att:ff") sets
+    assert find_layers(model)[0].attn is model.blocks[0].att
+
+
+def test_layers_attr_flag_reaches_layer_discovery_and_a_wrong_path_fails_at_load(tiny_llama_dir):
+    model, _ = load_model(tiny_llama_dir, "cpu", "float32", layers_attr="model.layers:self_attn:mlp")
+    assert find_layers(model)[1].mlp is model.model.layers[1].mlp
+    with pytest.raises(ValueError, match="model.blocks"):
+        load_model(tiny_llama_dir, "cpu", "float32", layers_attr="model.blocks")
 
 
 def test_tokenizer_pads_on_the_left_and_has_a_pad_token(tiny_model):
@@ -89,6 +98,8 @@ def test_jsonl_writer_resumes_after_a_torn_line_without_gaps_or_duplicates(tmp_p
 
 @dataclass
 class DemoConfig(CommonConfig):
+    SECTIONS = ("select_users",)
+
     num_users: int = field(default=10, metadata={"help": "users"})
     name: str = field(default="x", metadata={"help": "name"})
 
@@ -115,9 +126,9 @@ def test_manifest_is_written_last_and_records_what_the_stage_did(tmp_path):
 def test_config_precedence_is_defaults_then_top_level_then_section_then_flags(tmp_path):
     path = tmp_path / "task.json"
     path.write_text(json.dumps({"seed": 7, "run_dir": "r", "select_users": {"num_users": 3, "seed": 9}}))
-    cfg = parse_config(DemoConfig, "select_users", ["--config", str(path)])
+    cfg = parse_config(DemoConfig, ["--config", str(path)])
     assert (cfg.seed, cfg.run_dir, cfg.num_users, cfg.name) == (9, "r", 3, "x")
-    cfg = parse_config(DemoConfig, "select_users", ["--config", str(path), "--num-users", "5"])
+    cfg = parse_config(DemoConfig, ["--config", str(path), "--num-users", "5"])
     assert cfg.num_users == 5
 
 
@@ -125,10 +136,10 @@ def test_unknown_config_keys_are_errors_that_name_them(tmp_path):
     path = tmp_path / "task.json"
     path.write_text(json.dumps({"select_users": {"num_user": 3}}))
     with pytest.raises(ValueError, match=r"unknown key 'num_user'.*Did you mean 'num_users'"):
-        parse_config(DemoConfig, "select_users", ["--config", str(path)])
+        parse_config(DemoConfig, ["--config", str(path)])
     path.write_text(json.dumps({"sed": 3}))
     with pytest.raises(ValueError, match="unknown top-level key 'sed'"):
-        parse_config(DemoConfig, "select_users", ["--config", str(path)])
+        parse_config(DemoConfig, ["--config", str(path)])
 
 
 @pytest.mark.real_model

@@ -6,20 +6,18 @@ shortened so the tiny model runs in seconds).
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 import pytest
 
 from data_process.artifacts import read_json, read_jsonl
-from tests.conftest import ROOT
+from stages.generate import GenerateConfig
+from stages.generate import run as run_generate
+from tests.conftest import ROOT, run_stage
 
 DEMO = ROOT / "data" / "demo" / "lamp4"
 ALGOS = ["zeroshot", "rag", "steer", "fints"]
-stages = {n: importlib.import_module(f"scripts.{n}") for n in
-          ("01_select_users", "02_rank_history", "03_collect_pairs", "04_extract_vectors", "06_evaluate")}
-generate_stage = importlib.import_module("scripts.05_generate")
 
 
 def _shrink(text: str) -> str:
@@ -50,11 +48,11 @@ def write_config(path: Path, run_dir: Path, data_dir: Path, model_dir: Path) -> 
         "device": "cpu", "dtype": "float32", "seed": 7,
         "select_users": {"num_users": 3, "num_unseen": 1, "min_history": 2, "min_train": 1,
                          "history_rate": 0.5},
-        "collect_pairs": {"num_neg_per_user": 2, "k": 2, "max_new_tokens": 8, "batch_size": 8,
+        "collect_pairs": {"num_neg_per_user": 2, "history_k": 2, "max_new_tokens": 8, "batch_size": 8,
                           "max_prompt_tokens": 256, "threshold": 0.5},
         "extract_vectors": {"layers": [1], "sites": ["attn", "mlp"], "batch_size": 8,
                             "max_answer_tokens": 16, "save_dtype": "float32", "user_strategies": ["mean", "pca"]},
-        "generate": {"k": 2, "layers": [1], "sites": ["attn", "mlp"], "max_new_tokens": 8,
+        "generate": {"history_k": 2, "layers": [1], "sites": ["attn", "mlp"], "max_new_tokens": 8,
                      "batch_size": 3, "max_prompt_tokens": 256},
     }
     path.write_text(json.dumps(config))
@@ -66,14 +64,15 @@ def run(tmp_path_factory, tiny_llama_dir):
     """A run directory with stages 01-04 done; returns (config path, run dir)."""
     root = tmp_path_factory.mktemp("pipeline")
     config = write_config(root / "config.json", root / "run", write_fixture(root / "raw"), tiny_llama_dir)
-    for name in ("01_select_users", "02_rank_history", "03_collect_pairs", "04_extract_vectors"):
-        stages[name].main(["--config", str(config)])
+    for name in ("select_users", "rank_history", "collect_pairs", "extract_vectors"):
+        run_stage(name, ["--config", str(config)])
     return config, root / "run"
 
 
 def generate(config: Path, *flags: str) -> Path:
-    cfg = generate_stage.parse_config(generate_stage.GenerateConfig, "generate", ["--config", str(config), *flags])
-    return generate_stage.run_generation(cfg)
+    from data_process.config import parse_config
+
+    return run_generate(parse_config(GenerateConfig, ["--config", str(config), *flags]))
 
 
 def generations(out: Path) -> dict[str, str]:
@@ -99,15 +98,13 @@ def test_each_algorithm_runs_end_to_end_and_scores_every_seen_test_sample(run, a
     assert (out / "eval" / "manifest.json").exists()
 
 
-def test_stage_06_prints_a_table_with_every_algorithm(run, capsys):
+def test_stage_06_logs_a_table_with_every_algorithm(run, caplog):
     config, run_dir = run
     for algo in ALGOS:
         generate(config, "--algo", algo)
-    cfg = stages["06_evaluate"].parse_config(stages["06_evaluate"].EvaluateConfig, "evaluate",
-                                             ["--config", str(config)])
-    scores = stages["06_evaluate"].main(cfg)
+    scores = run_stage("evaluate", ["--config", str(config)])
     assert sorted(scores) == sorted(ALGOS)
-    printed = capsys.readouterr().out
+    printed = caplog.text
     for algo in ALGOS:
         assert f"| {algo} | " in printed
     assert (run_dir / "generations" / "seen_test" / "results.md").exists()
@@ -122,7 +119,7 @@ def test_fints_with_multiplier_zero_equals_rag_token_for_token(run):
     assert strong != rag  # the vectors do steer, so the equality above is not vacuous
 
 
-def test_unseen_users_get_plain_rag_and_are_reported(run, capsys):
+def test_unseen_users_get_plain_rag_and_are_reported(run, caplog):
     config, run_dir = run
     unseen = sorted({s["user_id"] for s in read_jsonl(run_dir / "ranked" / "unseen_test.jsonl")})
     rag = generations(generate(config, "--algo", "rag", "--split", "unseen_test"))
@@ -130,23 +127,24 @@ def test_unseen_users_get_plain_rag_and_are_reported(run, capsys):
         out = generate(config, "--algo", algo, "--split", "unseen_test", "--alpha", "50", "--beta", "50")
         assert read_json(out / "manifest.json")["users_without_vectors"] == unseen
         assert generations(out) == rag
-    assert "ran as plain RAG" in capsys.readouterr().out
+    assert "ran as plain RAG" in caplog.text
 
 
 def test_a_killed_generation_resumes_without_duplicates_or_gaps(run, monkeypatch):
-    import collect.generation
+    import steering.runner
 
     config, _ = run
     full = generations(generate(config, "--algo", "fints", "--tag", "_full"))
-    real, calls = collect.generation.generate, []
+    real, batches = steering.runner.generate_batches, []
 
     def dies_on_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
+        for batch in real(*args, **kwargs):
+            batches.append(1)
+            if len(batches) == 2:
+                raise KeyboardInterrupt("killed")
+            yield batch
 
-    monkeypatch.setattr(collect.generation, "generate", dies_on_second_batch)
+    monkeypatch.setattr(steering.runner, "generate_batches", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         generate(config, "--algo", "fints", "--tag", "_killed")
     out = Path(config).parent / "run" / "generations" / "seen_test" / "fints_killed"
@@ -154,20 +152,20 @@ def test_a_killed_generation_resumes_without_duplicates_or_gaps(run, monkeypatch
     with open(out / "generations.jsonl", "a") as f:
         f.write('{"id": "torn')  # a write cut off by the kill
     done_before = len(read_jsonl(out / "generations.jsonl"))
-    monkeypatch.setattr(collect.generation, "generate", real)
+    monkeypatch.setattr(steering.runner, "generate_batches", real)
     generate(config, "--algo", "fints", "--tag", "_killed")
     records = read_jsonl(out / "generations.jsonl", tolerate_torn_tail=False)
     assert len(records) == len(full) and {r["id"]: r["generation"] for r in records} == full
     assert read_json(out / "manifest.json")["n_resumed"] == done_before > 0
 
 
-def test_a_finished_generation_is_skipped(run, capsys):
+def test_a_finished_generation_is_skipped(run, caplog):
     config, _ = run
     out = generate(config, "--algo", "zeroshot")
     before = (out / "generations.jsonl").stat().st_mtime_ns
     generate(config, "--algo", "zeroshot")
     assert (out / "generations.jsonl").stat().st_mtime_ns == before
-    assert "already finished" in capsys.readouterr().out
+    assert "already finished" in caplog.text
 
 
 def test_an_unknown_algorithm_gets_a_did_you_mean(run):
@@ -177,10 +175,8 @@ def test_an_unknown_algorithm_gets_a_did_you_mean(run):
 
 
 def test_sweep_writes_a_table_and_a_plot_of_rouge_l_per_layer_and_multiplier(run):
-    sweep = importlib.import_module("scripts.sweep")
     config, run_dir = run
-    points = sweep.main(sweep.parse(["--config", str(config), "--sweep-layers", "1",
-                                     "--sweep-multipliers", "0", "2"]))
+    points = run_stage("sweep", ["--config", str(config), "--sweep-layers", "1", "--sweep-multipliers", "0", "2"])
     assert [(p["layer"], p["multiplier"]) for p in points] == [(1, 0.0), (1, 2.0)]
     out = run_dir / "sweep" / "seen_test"
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"

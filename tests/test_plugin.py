@@ -9,6 +9,7 @@ from data_process.artifacts import JsonlWriter, read_jsonl
 from steering.algorithms import AlgoSettings, Prepared, ZeroShot
 from steering.model import find_layers, load_model
 from steering.runner import UserAdapters, generate_records
+from tasks import get_task
 
 peft = pytest.importorskip("peft")
 LORA_STD = 0.1  # large enough to flip greedy tokens, small enough that steering still shows through
@@ -58,10 +59,10 @@ def plugin_dir(tmp_path_factory, tiny_llama_dir):
 
 def run(tmp_path, model_dir, plugin, scale: float, name: str) -> dict[str, str]:
     model, tok = load_model(model_dir, device="cpu", dtype="float32")
-    algo = FixedSteer(AlgoSettings(task="longlamp", tokenizer=tok), model.config.hidden_size, scale)
+    algo = FixedSteer(AlgoSettings(task=get_task("longlamp"), tokenizer=tok), model.config.hidden_size, scale)
     adapters = UserAdapters(model, plugin, [s["user_id"] for s in SAMPLES]) if plugin else None
     with JsonlWriter(tmp_path / name / "generations.jsonl") as writer:
-        generate_records(model, tok, algo, SAMPLES, writer, task="longlamp", algo_name="fints", batch_size=4,
+        generate_records(model, tok, algo, SAMPLES, writer, task=get_task("longlamp"), algo_name="fints", batch_size=4,
                          gen_kwargs={"max_new_tokens": 8}, adapters=adapters)
     if adapters:
         adapters.close()

@@ -7,9 +7,11 @@ import re
 
 import pytest
 
-from collect.pairs import CollectPairsConfig
 from collect.pwab_pairs import collect_pwab_pairs
-from data_process.pwab import ToolCall, build_pwab_prompt, format_tool_call, load_pwab
+from eval.pwab_tools import ToolCall, format_tool_call
+from stages.collect_pairs import CollectPairsConfig
+from stages.common import task_of
+from tasks.pwab import TASK, build_pwab_prompt, load_pwab
 from tests.conftest import FIXTURES
 
 PWAB = FIXTURES / "pwab"
@@ -88,13 +90,21 @@ def fake_model(bench):
     return generate, prompts
 
 
+def test_unset_pwab_settings_come_from_the_task_and_set_ones_are_kept():
+    cfg = CollectPairsConfig(task="pwab", history_k=3, search_threshold=0.9)
+    assert task_of(cfg) is TASK
+    assert (cfg.history_k, cfg.search_threshold) == (3, 0.9)
+    assert (cfg.positive_k, cfg.review_threshold, cfg.recommend_in_list, cfg.max_new_tokens) == (5, 0.51, True, 128)
+
+
 @pytest.fixture()
 def run():
     bench = load_pwab(PWAB)
-    cfg = CollectPairsConfig(task="pwab", k=3, num_neg_per_user=2, samples_per_chunk=4, positive_k=5)
+    cfg = CollectPairsConfig(task="pwab", history_k=3, num_neg_per_user=2, samples_per_chunk=4, positive_k=5)
+    task = task_of(cfg)  # fills the thresholds left unset from the task's defaults
     generate, prompts = fake_model(bench)
     writer = FakeWriter()
-    summary = collect_pwab_pairs(cfg, bench.train, bench.train, None, None, writer, set(), generate_fn=generate,
+    summary = collect_pwab_pairs(cfg, task, bench.train, bench.train, None, None, writer, generate_fn=generate,
                                  env=FakeEnv(bench), encoder=OneHotEncoder())
     return bench, cfg, writer, summary, prompts, generate
 
@@ -147,7 +157,7 @@ def test_negative_prompts_use_other_users_history(run):
         if listed == [h["asin"] for h in s["history"][:cfg.positive_k]]:
             continue  # the positive's prompt: the user's own history
         donors = [x for x in bench.train if x["user_id"] != s["user_id"]
-                  and listed == [h["asin"] for h in x["history"][:cfg.k]]]
+                  and listed == [h["asin"] for h in x["history"][:cfg.history_k]]]
         assert donors, f"prompt of {s['id']} lists {listed}, no other user's history"
         negatives += 1
     assert negatives == 2 * 10  # two tries for each sample with a positive
@@ -156,6 +166,13 @@ def test_negative_prompts_use_other_users_history(run):
 def test_finished_samples_are_not_collected_again(run):
     bench, cfg, writer, _, _, generate = run
     again = FakeWriter()
-    collect_pwab_pairs(cfg, bench.train, bench.train, None, None, again, set(writer.done_ids),
-                       generate_fn=generate, env=FakeEnv(bench), encoder=OneHotEncoder())
-    assert again.pairs == [] and again.markers == []
+    again.done_ids = set(writer.done_ids)  # what a reopened PairWriter reads from progress.jsonl
+    asked = []
+
+    def generate_again(messages):
+        asked.extend(messages)
+        return generate(messages)
+
+    collect_pwab_pairs(cfg, TASK, bench.train, bench.train, None, None, again,
+                       generate_fn=generate_again, env=FakeEnv(bench), encoder=OneHotEncoder())
+    assert again.pairs == [] and again.markers == [] and asked == []

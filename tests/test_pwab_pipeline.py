@@ -13,12 +13,17 @@ import json
 import pytest
 
 from data_process.artifacts import read_json, read_jsonl
+from data_process.config import parse_config
+from stages import evaluate, generate
 from tests.conftest import FIXTURES
 
 ALGOS = ["zeroshot", "rag", "steer", "fints"]
-stage = {n: importlib.import_module(f"scripts.{n}") for n in
-         ("01_select_users", "02_rank_history", "train_sasrec", "03_collect_pairs",
-          "04_extract_vectors", "05_generate", "06_evaluate")}
+# script name -> (stage module, its config class); stage 05 and 06 are run apart below
+STAGES = {"01_select_users": ("select_users", "SelectUsersConfig"),
+          "02_rank_history": ("rank_history", "RankHistoryConfig"),
+          "train_sasrec": ("train_sasrec", "TrainSasrecConfig"),
+          "03_collect_pairs": ("collect_pairs", "CollectPairsConfig"),
+          "04_extract_vectors": ("extract_vectors", "ExtractConfig")}
 
 
 @pytest.fixture(scope="module")
@@ -30,27 +35,34 @@ def pwab_run(tmp_path_factory, tiny_llama_dir):
         "model": str(tiny_llama_dir), "device": "cpu", "dtype": "float32", "seed": 3,
         "select_users": {"num_users": 4, "num_unseen": 2, "min_history": 2, "min_train": 2},
         "train_sasrec": {"hidden": 16, "blocks": 1, "heads": 1, "epochs": 5, "threads": 1},
-        "collect_pairs": {"num_neg_per_user": 1, "k": 2, "max_new_tokens": 12, "batch_size": 8,
+        "collect_pairs": {"num_neg_per_user": 1, "history_k": 2, "max_new_tokens": 12, "batch_size": 8,
                           "max_prompt_tokens": 512},
         "extract_vectors": {"layers": [1], "sites": ["attn", "mlp"], "save_dtype": "float32",
                             "user_strategies": ["mean"]},
-        "generate": {"k": 2, "layers": [1], "sites": ["attn", "mlp"], "max_new_tokens": 12,
+        "generate": {"history_k": 2, "layers": [1], "sites": ["attn", "mlp"], "max_new_tokens": 12,
                      "batch_size": 4, "max_prompt_tokens": 512},
     }))
     argv = ["--config", str(config)]
-    for name in ("01_select_users", "02_rank_history", "train_sasrec", "03_collect_pairs",
-                 "04_extract_vectors"):
-        stage[name].main(argv)
-    gen = stage["05_generate"]
+    manifests = {}
+    for name, (module, config_cls) in STAGES.items():
+        stage = importlib.import_module(f"stages.{module}")
+        manifests[name] = stage.run(parse_config(getattr(stage, config_cls), argv))
     for algo in ALGOS:
-        gen.run_generation(gen.parse_config(gen.GenerateConfig, "generate", [*argv, "--algo", algo]))
-    ev = stage["06_evaluate"]
-    scores = ev.main(ev.parse_config(ev.EvaluateConfig, "evaluate", argv))
-    return root / "run", scores
+        out = generate.run(parse_config(generate.GenerateConfig, [*argv, "--algo", algo]))
+        assert out == root / "run" / "generations" / "seen_test" / algo
+        manifests[f"05_generate/{algo}"] = read_json(out / "manifest.json")
+    scores = evaluate.run(parse_config(evaluate.EvaluateConfig, argv))
+    return root / "run", scores, manifests
 
 
-def test_pwab_pipeline_scores_every_algorithm_with_facc_and_racc_per_type(pwab_run, capsys):
-    run_dir, scores = pwab_run
+def test_pwab_pipeline_manifests_name_the_stage_scripts(pwab_run):
+    _, _, manifests = pwab_run
+    assert {name: m["stage"] for name, m in manifests.items()} == {
+        **{name: name for name in STAGES}, **{f"05_generate/{a}": "05_generate" for a in ALGOS}}
+
+
+def test_pwab_pipeline_scores_every_algorithm_with_facc_and_racc_per_type(pwab_run):
+    run_dir, scores, _ = pwab_run
     assert sorted(scores) == sorted(ALGOS)
     test_ids = {s["id"] for s in read_jsonl(run_dir / "ranked" / "seen_test.jsonl")}
     types = {s["type"] for s in read_jsonl(run_dir / "ranked" / "seen_test.jsonl")}
@@ -61,10 +73,14 @@ def test_pwab_pipeline_scores_every_algorithm_with_facc_and_racc_per_type(pwab_r
         overall = s["overall"]
         assert 0.0 <= overall["facc"] <= 1.0 and 0.0 <= overall["racc"] <= overall["facc"] + 1e-9
         assert {f"facc_{t}" for t in types} <= set(overall)
+        assert s["task"] == "pwab" and s["algo"] == algo
+        assert s["parse_failures"]["total"] <= len(records) * (1 - overall["facc"]) + 1e-9  # failures score 0
+        assert read_json(run_dir / "generations" / "seen_test" / algo / "eval" / "manifest.json")["stage"] \
+            == "06_evaluate"
 
 
 def test_pwab_pipeline_with_no_pairs_runs_steering_as_rag_for_every_user(pwab_run):
-    run_dir, _ = pwab_run
+    run_dir, _, _ = pwab_run
     pairs = read_jsonl(run_dir / "pairs" / "pairs.jsonl")
     manifest = read_json(run_dir / "vectors" / "manifest.json")
     assert manifest["n_pairs"] == len(pairs)
