@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from data_process.artifacts import read_jsonl
-from data_process.prompts import build_prompt
 from steering.extract import encode_pair, extract_pairs
 from steering.hooks import StopForward, add_vectors, stop_after_layer
 from steering.model import chat_prompt, load_model
+from tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ["attn.15", "mlp.15"]
@@ -123,7 +123,7 @@ def bench_decode_step(model, tok, messages, deltas, repeats: int = 30) -> None:
 
 
 def bench_batching(model, tok, messages, deltas, new_tokens: int) -> None:
-    from collect.generation import generate
+    from steering.generation import generate
 
     start = time.perf_counter()
     batched = generate(model, tok, messages, max_new_tokens=new_tokens, batch_size=16, deltas=deltas)
@@ -197,7 +197,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, device="cpu", dtype="float32")
     samples = _samples(Path(args.samples), 32, words=args.words)
-    messages = [build_prompt("lamp4", s, []) for s in samples]
+    messages = [get_task("lamp4").prompt(s, []) for s in samples]
     deltas = _deltas(samples, args.vectors, model)
     first16 = {k: v[:16] for k, v in deltas.items()}
     if "a" in args.parts:

@@ -44,7 +44,7 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers = [h for h in root.handlers if not isinstance(h, _TqdmHandler)] + [handler]
     root.setLevel(level)
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "urllib3", "filelock", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

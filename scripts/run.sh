@@ -26,11 +26,13 @@ stage() {  # stage LABEL MODULE [flags...]: run one stage and record its wall ti
 
 stage "01 select users" 01_select_users
 stage "02 rank history" 02_rank_history
-TASK=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("task", ""))' "$CONFIG")
-if [ "$TASK" = pwab ]; then
-  # PersonalWAB's tool environment (recommendations) is needed by pair collection and scoring.
-  stage "00 train SASRec" train_sasrec
-fi
+# Stages that build the task's environment (PersonalWAB: the SASRec recommender), as the
+# task definition lists them; pair collection and scoring need it.
+SETUP=$("$PY" -c 'import json, sys; from tasks import get_task
+print(" ".join(get_task(json.load(open(sys.argv[1])).get("task", "lamp4")).setup_stages))' "$CONFIG")
+for module in $SETUP; do
+  stage "00 $module" "$module"
+done
 stage "03 collect pairs" 03_collect_pairs
 stage "04 extract vectors" 04_extract_vectors
 for split in $SPLITS; do
