@@ -8,7 +8,7 @@ under load make every forward call slow, which swamps what is being measured.)
 (a) steered vs plain batched generation, same prompts, batch size and number of tokens
     (goal: ratio <= 1.05);
 (b) steered generation of 32 queries from mixed users at batch 16 vs one query at a
-    time, through collect.generation.generate (goal: >= 2.5x throughput), and whether
+    time, through steering.generation.generate (goal: >= 2.5x throughput), and whether
     the batched outputs equal the one-at-a-time outputs;
 (c) extraction cost per pair vs a plain batched forward over the same tokens (goal
     <= 1.1x), and batched extraction vs one pair at a time.

@@ -14,6 +14,7 @@ from pathlib import Path
 from data_process.artifacts import JsonlWriter, Stage
 from data_process.config import stage_dir
 from stages.common import StageConfig, load_samples, require, task_of
+from stages.evaluate import evaluate_run
 from steering.aggregate import RETRIEVERS, WEIGHTINGS
 from steering.algorithms import ALGORITHMS, AlgoSettings, SteerSpec, build_algorithm
 from steering.generation import POSITIONS
@@ -118,8 +119,6 @@ def run(cfg: GenerateConfig, model=None, tok=None) -> Path:
         stage.finish(inputs=[source], outputs=[out / "generations.jsonl"], model=model_name(model), seed=cfg.seed,
                      steering=settings.steer.scales if settings.steer else None, **summary)
     if cfg.eval:
-        from stages.evaluate import evaluate_run
-
         scores = evaluate_run(out, cfg)
         log.info("[06_evaluate] %s: %s", cfg.algo, scores.get("overall"))
     return out

@@ -41,7 +41,7 @@ def run(cfg: SweepConfig) -> list[dict]:
     points = []
     for layer in cfg.sweep_layers:
         for mult in cfg.sweep_multipliers:
-            point = replace(base, algo="fints", layers=[layer], multipliers=[mult], eval=True,
+            point = replace(base, algo="fints", layers=[layer], multipliers=[mult], eval=False,
                             tag=f"{cfg.tag}_sweep_L{layer}_m{mult:g}")
             generate(point, model, tok)
             scores = evaluate_run(gen_dir(point), point)
