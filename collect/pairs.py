@@ -160,8 +160,9 @@ def collect_pairs(samples: list[dict], other_samples: list[dict], generator: Cal
                   settings: PairSettings, writer: PairWriter, tokenizer=None) -> dict[str, Any]:
     """Collect pairs for the samples ``writer`` has not finished; return the run summary.
 
-    ``generator`` maps user messages to answers (in order), e.g. :func:`generator_for`.  All tries of ``samples_per_chunk`` samples go
-    to it in one call, so it can batch across samples.
+    ``generator`` maps user messages to answers (in order), e.g. :func:`generator_for`.
+    All tries of ``samples_per_chunk`` samples go to it in one call, so it can batch
+    across samples.
     """
     choose("rag mode", settings.rag, dict.fromkeys(RAG_MODES))
     pools = other_users_pools(samples, other_samples) if settings.rag == "others" else {}

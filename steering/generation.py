@@ -12,7 +12,6 @@ task makes of it is the task's ``postprocess``.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterator
 
@@ -21,8 +20,6 @@ from tqdm.auto import tqdm
 
 from steering.hooks import add_vectors
 from steering.model import chat_prompt, left_pad
-
-log = logging.getLogger(__name__)
 
 POSITIONS = ("all", "prompt", "response")
 

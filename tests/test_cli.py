@@ -11,7 +11,6 @@ import sys
 import pytest
 
 from data_process.cli import main
-from data_process.config import parse_config
 from stages.generate import GenerateConfig
 from stages.select_users import SelectUsersConfig
 from stages.select_users import run as select_users
