@@ -5,7 +5,9 @@ sample, the history order (most relevant first) and one score per item:
 
 * ``bm25`` (default) -- :class:`data_process.text.BM25` over the sample's own history
   (tokenizer: lowercase, split on anything not a letter or digit);
-* ``recency`` -- newest first; score ``(i + 1) / n`` for the item at time position ``i``;
+* ``recency`` -- newest first by the items' dates (:mod:`data_process.timeline`; list
+  order when undated); score = the share of the history not newer than the item, so
+  items of the same date score the same and keep time order;
 * ``dense`` -- cosine similarity of all-MiniLM-L6-v2 embeddings (mean pooling), every
   distinct text encoded once, in batches.
 
@@ -17,6 +19,7 @@ order (the older item first).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +28,7 @@ from tqdm import tqdm
 
 from data_process.config import choose
 from data_process.text import BM25
+from data_process.timeline import time_keys
 
 Ranking = list[tuple[list[int], list[float]]]
 Query = Callable[[dict], str]  # sample -> the text its history is ranked against
@@ -60,11 +64,14 @@ def rank_bm25(samples: list[dict], *, query: Query = sample_input, **_: Any) -> 
 
 
 def rank_recency(samples: list[dict], **_: Any) -> Ranking:
-    """Newest first (history lists are in time order, oldest first)."""
+    """Newest first by date; undated histories by list (time) order, oldest first."""
     out = []
     for s in samples:
-        n = len(s["history"])
-        out.append(_finish(np.arange(1, n + 1, dtype=np.float64) / max(n, 1)))
+        keys = time_keys(s["history"])
+        ordered = sorted(keys)
+        # bisect_right: how many items are not newer than this one.
+        not_newer = np.array([bisect.bisect_right(ordered, k) for k in keys], dtype=np.float64)
+        out.append(_finish(not_newer / max(len(keys), 1)))
     return out
 
 

@@ -9,24 +9,23 @@ returns a :class:`Benchmark`.  Shared here:
   messages in ``Benchmark.errors`` (a stage counts them in its manifest).
 * field helpers (:func:`need_str`, :func:`need_id`, :func:`need_list`) whose messages name
   the file, the record (id or position) and the field;
-* :func:`read_samples` -- a stage's sample JSONL, validated;
-* :func:`assemble` -- the leakage rule and history-item promotion, the same for every task:
-  no sample sees its own output or any of its user's test golds in its history, and a
-  history item promoted to a training sample only sees the items before it.
+* :func:`read_samples` -- a stage's sample JSONL, validated.
+
+Time order, duplicate merging, per-user ids, the leakage rule and history-item promotion
+are :func:`data_process.assemble.assemble`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from data_process.config import choose
-from data_process.schema import make_sample, validate_sample
+from data_process.schema import validate_sample
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,9 @@ class Benchmark:
     train: list[dict[str, Any]]
     test: list[dict[str, Any]]
     errors: list[str] = field(default_factory=list)
+    layout: str = ""  # which file layout the loader found (said in stage 01's summary)
+    # What loading did: profiles (unsorted_profiles), merged_duplicates, shared_ids, ...
+    stats: dict[str, int] = field(default_factory=dict)
 
 
 class BadRecord(ValueError):
@@ -109,95 +111,6 @@ def history_items(profile: list, where: str, read_item: Callable[[Any, str], dic
         seen.add(item["id"])
         items.append(item)
     return items
-
-
-def _strip(history: list[dict], own_id: str, banned_ids: set[str], banned_outputs: set[str]) -> list[dict]:
-    return [h for h in history
-            if h["id"] != own_id and h["id"] not in banned_ids and h["output"] not in banned_outputs]
-
-
-def assemble(train: list[dict], test: list[dict], *, include_history_samples: bool,
-             instruction: Callable[[str], str]) -> tuple[list[dict], list[dict]]:
-    """Apply the leakage rule and (optionally) promote history items to training samples.
-
-    ``train`` / ``test`` are samples whose ``history`` is the raw profile (time order).
-    A history item is dropped from a sample's history when it is the sample itself (same
-    id), one of the user's test questions (by id), or carries the sample's own output or
-    one of the user's test golds (same text).  Promoted items get ``instruction(item
-    input)`` as input, ``source="history"``, and the user's earlier items as history.
-    """
-    test_ids, test_golds = defaultdict(set), defaultdict(set)
-    for s in test:
-        test_ids[s["user_id"]].add(s["id"])
-        if s["output"].strip():
-            test_golds[s["user_id"]].add(s["output"])
-    question_ids = defaultdict(set)
-    for s in train + test:
-        question_ids[s["user_id"]].add(s["id"])
-
-    def clean(s: dict, history: list[dict]) -> list[dict]:
-        user = s["user_id"]
-        return _strip(history, s["id"], test_ids[user], test_golds[user] | {s["output"]})
-
-    out_train = [{**s, "history": clean(s, s["history"])} for s in train]
-    out_test = [{**s, "history": clean(s, s["history"])} for s in test]
-    if include_history_samples:
-        out_train += _promote(train + test, question_ids, test_ids, test_golds, instruction, clean)
-    _check_unique_ids(out_train + out_test)
-    return _time_sorted(out_train, train + test), out_test
-
-
-def _timelines(samples: list[dict]) -> dict[str, list[dict]]:
-    """Each user's history items in time order: profiles merged, first appearance wins."""
-    timeline: dict[str, list[dict]] = defaultdict(list)
-    seen: dict[str, set[str]] = defaultdict(set)
-    for s in samples:
-        for item in s["history"]:
-            if item["id"] not in seen[s["user_id"]]:
-                seen[s["user_id"]].add(item["id"])
-                timeline[s["user_id"]].append(item)
-    return timeline
-
-
-def _promote(samples, question_ids, test_ids, test_golds, instruction, clean) -> list[dict]:
-    promoted = []
-    for user, items in _timelines(samples).items():
-        for j, item in enumerate(items):
-            # Questions are samples already; test items and items carrying a test gold
-            # must never become training targets.
-            if (item["id"] in question_ids[user] or item["id"] in test_ids[user]
-                    or item["output"] in test_golds[user]):
-                continue
-            extra = {k: v for k, v in item.items() if k not in ("id", "input", "output")}
-            sample = make_sample(item["id"], user, instruction(item["input"]), item["output"],
-                                 [], source="history", **extra)
-            sample["history"] = clean(sample, items[:j])
-            promoted.append(sample)
-    return promoted
-
-
-def _time_sorted(train: list[dict], raw: list[dict]) -> list[dict]:
-    """Users in first-appearance order, each user's samples in time order."""
-    timeline = _timelines(raw)
-    position = {(u, item["id"]): j for u, items in timeline.items() for j, item in enumerate(items)}
-    users = list(dict.fromkeys(s["user_id"] for s in raw + train))
-    rank = {u: i for i, u in enumerate(users)}
-
-    def key(pair: tuple[int, dict]) -> tuple[int, int, int]:
-        i, s = pair
-        # Questions never seen in a later profile come after the user's known items.
-        return rank[s["user_id"]], position.get((s["user_id"], s["id"]), 1 << 30), i
-
-    return [s for _, s in sorted(enumerate(train), key=key)]
-
-
-def _check_unique_ids(samples: list[dict]) -> None:
-    owner: dict[str, str] = {}
-    for s in samples:
-        if s["id"] in owner:
-            raise ValueError(f"duplicate sample id {s['id']!r} (users {owner[s['id']]!r} and "
-                             f"{s['user_id']!r}): history item ids must be unique across users")
-        owner[s["id"]] = s["user_id"]
 
 
 def read_samples(path: str | Path, log: ErrorLog) -> list[dict[str, Any]]:

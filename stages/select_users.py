@@ -14,6 +14,7 @@ from typing import Any
 
 from data_process.artifacts import MANIFEST, Stage, write_jsonl
 from data_process.config import stage_dir
+from data_process.records import Benchmark
 from data_process.splits import build_splits, summary
 from stages.common import ON_ERROR, StageConfig, task_of
 
@@ -41,11 +42,30 @@ class SelectUsersConfig(StageConfig):
     encoder: str = field(default="models/all-minilm-l6-v2",
                          metadata={"help": "dense encoder directory (--cluster-by dense)"})
     on_error: str = field(default="stop", metadata={"help": "what a bad record does", "choices": ON_ERROR})
+    recommend_history: str | None = field(default=None, metadata={
+        "help": "PersonalWAB: the history behind a recommend task's gold sequence: the target's "
+                "main_category (PersonalWAB's own) or all categories", "choices": ["category", "all", None]})
+    user_profiles: bool | None = field(default=None, metadata={
+        "help": "PersonalWAB: attach user_profiles.json's profile to every sample (shown in prompts)"})
 
 
 def raw_inputs(data_dir: str) -> list[Path]:
     """The benchmark files the stage read (hashed into the manifest)."""
     return sorted(p for p in Path(data_dir).rglob("*") if p.is_file())
+
+
+def loading_summary(bench: Benchmark) -> str:
+    """What loading found and did: the layout, time order, merged duplicates, shared ids."""
+    st = bench.stats
+    lines = [f"layout: {bench.layout or '-'}",
+             f"profiles: {st.get('profiles', 0)}, {st.get('unsorted_profiles', 0)} not in time order "
+             f"(sorted by date); merged duplicates: {st.get('merged_duplicates', 0)}; "
+             f"ids shared by several users: {st.get('shared_ids', 0)} (scoped <user>/<id>)"]
+    lines += [f"{name.replace('_', ' ')}: {n}" for name, n in st.items()
+              if name not in ("profiles", "unsorted_profiles", "merged_duplicates", "shared_ids")]
+    lines.append(f"loaded: {len(bench.train)} training samples, {len(bench.test)} test samples, "
+                 f"{len({s['user_id'] for s in bench.train + bench.test})} users")
+    return "\n".join(lines)
 
 
 def _encoder(cfg: SelectUsersConfig):
@@ -66,7 +86,9 @@ def run(cfg: SelectUsersConfig) -> dict[str, Any] | None:
     if not Path(cfg.data_dir).is_dir():
         raise FileNotFoundError(f"data directory {cfg.data_dir!r} does not exist (set --data-dir)")
     # Everything is loaded and checked before the stage touches its directory.
-    bench = task.load(Path(cfg.data_dir), include_history_samples=cfg.include_history_samples, on_error=cfg.on_error)
+    options = {name: getattr(cfg, name) for name in task.load_options}
+    bench = task.load(Path(cfg.data_dir), include_history_samples=cfg.include_history_samples,
+                      on_error=cfg.on_error, **options)
     splits = build_splits(bench, num_users=cfg.num_users, num_unseen=cfg.num_unseen,
                           min_history=cfg.min_history, min_train=cfg.min_train, seed=cfg.seed,
                           history_rate=cfg.history_rate, clusters=cfg.clusters,
@@ -79,10 +101,10 @@ def run(cfg: SelectUsersConfig) -> dict[str, Any] | None:
         write_jsonl(path, samples)
     if bench.errors:
         log.warning("[%s] skipped %d bad record(s):\n  %s", cfg.STAGE, len(bench.errors), "\n  ".join(bench.errors))
-    log.info(summary(splits))
+    log.info("%s\n%s", loading_summary(bench), summary(splits))
     return stage.finish(
         inputs=raw_inputs(cfg.data_dir), outputs=outputs, seed=cfg.seed,
-        skipped_records=len(bench.errors), errors=bench.errors,
+        skipped_records=len(bench.errors), errors=bench.errors, layout=bench.layout, loading=bench.stats,
         counts={name: len(samples) for name, samples in splits.files.items()},
         seen_users=splits.seen_users, unseen_users=splits.unseen_users,
         dropped_by_history_rate=splits.dropped, user_similarity=splits.user_similarity,

@@ -39,8 +39,11 @@ class Task:
     record_fields: ClassVar[tuple[str, ...]] = ()
     # Scripts that build the task's environment before pair collection (run by run.sh).
     setup_stages: ClassVar[tuple[str, ...]] = ()
+    # Stage 01 settings that :meth:`load` takes as keyword arguments (besides the two below).
+    load_options: ClassVar[tuple[str, ...]] = ()
 
-    def load(self, data_dir: Path, *, include_history_samples: bool = True, on_error: str = "stop") -> Benchmark:
+    def load(self, data_dir: Path, *, include_history_samples: bool = True, on_error: str = "stop",
+             **options: Any) -> Benchmark:
         """The benchmark's training and test samples (history in time order, no leakage)."""
         raise NotImplementedError
 

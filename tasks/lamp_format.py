@@ -1,12 +1,14 @@
 """The LaMP tasks' shared shape (LaMP-4 headlines, LaMP-5 titles): file layout and prompt.
 
-Files in ``data_dir``: ``train_questions.json`` and ``dev_questions.json`` (lists of
+Files: ``train_questions.json`` and ``dev_questions.json`` (lists of
 ``{id, input, user_id, profile:[{id, <input field>, <output field>, date?}]}``) and
-``train_outputs.json`` and ``dev_outputs.json`` (``{task, golds:[{id, output}]}``).  Train
+``train_outputs.json`` and ``dev_outputs.json`` (``{task, golds:[{id, output}]}``), either
+flat in ``data_dir`` or in the layout LaMP is distributed in: ``train/train_*.json`` and
+``dev/dev_*.json`` (``valid/`` and ``valid_*.json`` are accepted for the dev split).  Train
 questions become training samples, dev questions test samples.  A profile item's input
-field (LaMP-4 ``text``, LaMP-5 ``abstract``) is the history input and its output field
-(``title``) the history output; a history item promoted to a training sample is posed
-with the task's instruction.
+field (LaMP-4 ``text``, LaMP-5 ``abstract``) is the history input, its output field
+(``title``) the history output and its ``date`` (``"YYYY-MM-DD"`` or an integer) its time;
+a history item promoted to a training sample is posed with the task's instruction.
 
 Only the time-based split carries ``user_id`` (the user-based split holds different users
 in train and dev, which Fints cannot use); files without it are rejected with that reason.
@@ -21,9 +23,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from data_process.artifacts import read_json
-from data_process.records import (BadRecord, Benchmark, ErrorLog, assemble, history_items, need_id, need_list,
-                                  need_str)
+from data_process.assemble import assemble
+from data_process.records import BadRecord, Benchmark, ErrorLog, history_items, need_id, need_list, need_str
 from data_process.schema import make_sample
+from data_process.timeline import date_key
 from tasks.base import TextTask
 
 NO_USER_ID = ("Fints needs the LaMP time-based split ('time' files), where every question "
@@ -39,6 +42,7 @@ class LampLayout:
     input_field: str                   # profile item field that is the history input
     output_field: str                  # profile item field that is the history output
     instruction: Callable[[str], str]  # history input -> question input
+    content: Callable[[str], str]      # question input -> the history input it is about
 
 
 class LampTask(TextTask):
@@ -57,7 +61,8 @@ class LampTask(TextTask):
     def __init__(self) -> None:
         self._ask = re.compile(r"^\s*" + re.escape(self.instruction.strip().rstrip(":")) + r"\s*:\s*",
                                re.IGNORECASE)
-        self.layout = LampLayout(self.input_field, self.output_field, lambda text: self.instruction + text)
+        self.layout = LampLayout(self.input_field, self.output_field, lambda text: self.instruction + text,
+                                 self.text)
 
     def text(self, sample_input: str) -> str:
         """The long text of an input (the instruction prefix removed when present)."""
@@ -97,7 +102,7 @@ def _item_reader(layout: LampLayout) -> Callable[[Any, str], dict]:
         where = f"{where} (id {item_id!r})"
         item = {"id": item_id, "input": need_str(raw, layout.input_field, where),
                 "output": need_str(raw, layout.output_field, where)}
-        if isinstance(raw.get("date"), str):
+        if date_key(raw.get("date"), where) is not None:
             item["date"] = raw["date"]
         return item
     return read_item
@@ -124,8 +129,7 @@ def _read_golds(path: Path, log: ErrorLog) -> dict[str, str]:
     return out
 
 
-def _read_split(data_dir: Path, split: str, layout: LampLayout, log: ErrorLog, seen_ids: set[str]) -> list[dict]:
-    q_path, o_path = data_dir / f"{split}_questions.json", data_dir / f"{split}_outputs.json"
+def _read_split(q_path: Path, o_path: Path, layout: LampLayout, log: ErrorLog, seen_ids: set[str]) -> list[dict]:
     questions, golds = read_json(q_path), _read_golds(o_path, log)
     if not isinstance(questions, list):
         raise ValueError(f"{q_path}: expected a JSON list of questions, got {type(questions).__name__}")
@@ -159,15 +163,53 @@ def _read_split(data_dir: Path, split: str, layout: LampLayout, log: ErrorLog, s
     return samples
 
 
+SPLIT_NAMES = {"train": ("train",), "dev": ("dev", "valid")}
+
+
+def _split_files(data_dir: Path, split: str) -> tuple[Path, Path] | None:
+    """The questions and outputs file of a split, flat or in its subfolder; None if neither."""
+    for name in SPLIT_NAMES[split]:
+        for folder in (data_dir, data_dir / name):
+            q_path, o_path = folder / f"{name}_questions.json", folder / f"{name}_outputs.json"
+            if q_path.exists() or o_path.exists():
+                return q_path, o_path
+    return None
+
+
+def find_lamp_files(data_dir: Path) -> tuple[str, dict[str, tuple[Path, Path]]]:
+    """The layout found in ``data_dir`` and each split's (questions, outputs) files.
+
+    A split found only in part names its missing file; no split found at all lists
+    every name that was looked for.
+    """
+    found = {split: _split_files(data_dir, split) for split in SPLIT_NAMES}
+    if not any(found.values()):
+        tried = [f"{sub}{name}_{kind}.json" for split, names in SPLIT_NAMES.items() for name in names
+                 for sub in ("", f"{name}/") for kind in ("questions", "outputs")]
+        raise FileNotFoundError(f"{data_dir}: no LaMP files; looked for {', '.join(tried)}")
+    files = {}
+    for split, paths in found.items():
+        if paths is None:
+            paths = (data_dir / f"{split}_questions.json", data_dir / f"{split}_outputs.json")
+        for path in paths:
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: no such file (the LaMP {split} split needs it)")
+        files[split] = paths
+    folders = list(dict.fromkeys(str(q.parent.relative_to(data_dir)) for q, _ in files.values()))
+    layout = "LaMP flat files" if folders == ["."] else "LaMP split folders " + " + ".join(f + "/" for f in folders)
+    return f"{layout} ({', '.join(str(p.relative_to(data_dir)) for q, o in files.values() for p in (q, o))})", files
+
+
 def load_lamp(data_dir: str | Path, layout: LampLayout, *, include_history_samples: bool = True,
               on_error: str = "stop") -> Benchmark:
     """Load the LaMP time-based files of ``data_dir`` as a :class:`Benchmark`."""
     data_dir = Path(data_dir)
+    found, files = find_lamp_files(data_dir)
     log = ErrorLog(on_error, data_dir)
     seen: set[str] = set()
-    train = _read_split(data_dir, "train", layout, log, seen)
-    test = _read_split(data_dir, "dev", layout, log, seen)
+    train = _read_split(*files["train"], layout, log, seen)
+    test = _read_split(*files["dev"], layout, log, seen)
     log.check()
-    train, test = assemble(train, test, include_history_samples=include_history_samples,
-                           instruction=layout.instruction)
-    return Benchmark(train=train, test=test, errors=log.errors)
+    train, test, stats = assemble(train, test, include_history_samples=include_history_samples,
+                                  instruction=layout.instruction, content=layout.content)
+    return Benchmark(train=train, test=test, errors=log.errors, layout=found, stats=stats)

@@ -4,14 +4,20 @@ Raw files (one directory): ``user_instructions.json`` (``{train: [...], test: [.
 ``{user_id, task, type, timestamp, target: {product_info, review}}``),
 ``user_history_part_*.json`` (``{user_id: [{product_info, review, split}]}``),
 ``all_products_part_*.json`` (``{asin: product_info}``, read by :mod:`eval.pwab_env`) and
-``user_profiles.json`` (optional here).
+``user_profiles.json`` (``{user_id: {user_profile: {Gender, Age, ...}}}``, optional: read and
+checked when present; ``user_profiles=True`` attaches each user's profile to their samples
+as ``user_profile`` and the prompt then shows it -- off by default, as in the benchmark's
+function-calling setting, where the agent knows the user only from their history).
 
 A sample's ``input`` is the user's instruction, its ``output`` the *gold call*, a JSON
 string ``{"name": ..., "arguments": {...}}``: the right function with
 
 * search -- ``{"query": <target product title>}``.  The benchmark holds no gold query, so
   the title stands in for an oracle query (BM25 over the catalogue ranks it first);
-* recommend -- ``{"product_sequence": <the user's last 30 asins before the task>}``;
+* recommend -- ``{"product_sequence": <the user's last 30 asins before the task>}`` from
+  the history in the target's ``main_category`` (PersonalWAB's own recommender input;
+  ``recommend_history="all"``: every category; a user without history in the category
+  falls back to every category);
 * review -- ``{"review": <the user's real review text>}``.
 
 History of a task = the user's behaviours whose review timestamp is strictly before the
@@ -26,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from data_process.artifacts import read_json
+from data_process.config import choose
 from data_process.records import Benchmark, ErrorLog
 from data_process.schema import make_sample
+from data_process.timeline import sort_by_time
 from eval.pwab_env import default_cache_dir, numbered_parts, product_text
 from eval.pwab_eval import PWAB_METRICS, evaluate_pwab
 from eval.pwab_tools import MAX_SEQUENCE, TOOLS, TYPES, ToolCall, format_tool_call, parse_tool_call
@@ -70,8 +78,9 @@ def history_item(b: dict[str, Any]) -> dict[str, Any]:
             "timestamp": ts}
 
 
-def _load_histories(data_dir: Path, errors: ErrorLog) -> tuple[dict[str, list[dict]], dict[str, dict]]:
-    """Each user's history items in time order, and the raw behaviour of every item id."""
+def _load_histories(data_dir: Path, errors: ErrorLog) -> tuple[dict[str, list[dict]], dict[str, dict], int]:
+    """Each user's history items in time order, the raw behaviour of every item id, and how
+    many users' behaviours were not in time order in the files."""
     parts = numbered_parts(data_dir, "user_history")
     if not parts:
         raise FileNotFoundError(f"{data_dir}: no user_history_part_*.json files")
@@ -93,9 +102,11 @@ def _load_histories(data_dir: Path, errors: ErrorLog) -> tuple[dict[str, list[di
                 item = history_item(b)
                 histories.setdefault(str(uid), []).append(item)
                 raw_items[f"{uid}/{item['id']}"] = b
-    for items in histories.values():
-        items.sort(key=lambda h: h["timestamp"])  # stable: file order breaks ties
-    return histories, raw_items
+    unsorted = 0
+    for uid, items in histories.items():
+        histories[uid], moved = sort_by_time(items)  # stable: file order breaks ties
+        unsorted += moved
+    return histories, raw_items, unsorted
 
 
 def _target_id(t: dict[str, Any]) -> str | None:
@@ -108,7 +119,7 @@ def _target_id(t: dict[str, Any]) -> str | None:
 def user_sequences(data_dir: str | Path, on_error: str = "stop") -> dict[str, list[str]]:
     """Each user's purchased asins in time order (what SASRec trains on)."""
     errors = ErrorLog(on_error, data_dir)
-    histories, _ = _load_histories(Path(data_dir), errors)
+    histories, _, _ = _load_histories(Path(data_dir), errors)
     errors.check()
     return {uid: [h["asin"] for h in items] for uid, items in histories.items()}
 
@@ -126,31 +137,59 @@ def _check_task(t: Any, where: str) -> str | None:
     return _check_behaviour(t.get("target"), f"{where}: target", need_review=t["type"] != "review")
 
 
-def gold_call(kind: str, target: dict[str, Any], history: list[dict[str, Any]]) -> str:
+RECOMMEND_HISTORY = ("category", "all")
+
+
+def gold_call(kind: str, target: dict[str, Any], history: list[dict[str, Any]],
+              recommend_history: str = "category") -> str:
     """The gold JSON call of a task (see the module docstring for what gold means)."""
     if kind == "search":
         args: dict[str, Any] = {"query": target["product_info"]["title"]}
     elif kind == "recommend":
-        args = {"product_sequence": [h["asin"] for h in history][-MAX_SEQUENCE:]}
+        category = target["product_info"].get("main_category") or ""
+        same = [h for h in history if h["category"] == category] if recommend_history == "category" else []
+        args = {"product_sequence": [h["asin"] for h in same or history][-MAX_SEQUENCE:]}
     else:
         args = {"review": target["review"]["text"]}
     return format_tool_call(ToolCall(TYPES[kind], args))
 
 
-def load_pwab(data_dir: str | Path, *, include_history_samples: bool = False,
-              on_error: str = "stop") -> Benchmark:
+def _load_profiles(data_dir: Path) -> dict[str, dict[str, Any]]:
+    """``user_profiles.json`` as {user_id: profile fields}; {} when the file is absent."""
+    path = data_dir / "user_profiles.json"
+    if not path.exists():
+        return {}
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected an object {{user_id: {{user_profile: {{...}}}}}}")
+    profiles = {}
+    for uid, entry in raw.items():
+        profile = entry.get("user_profile", entry) if isinstance(entry, dict) else None
+        if not isinstance(profile, dict):
+            raise ValueError(f"{path}: user {uid!r}: field 'user_profile' missing or not an object")
+        profiles[str(uid)] = profile
+    return profiles
+
+
+def load_pwab(data_dir: str | Path, *, include_history_samples: bool = False, on_error: str = "stop",
+              recommend_history: str | None = "category", user_profiles: bool | None = False) -> Benchmark:
     """Load PersonalWAB into train/test samples (see the module docstring).
 
     ``include_history_samples`` also turns each of a user's behaviours that is no task
     target into a training *review* sample (the behaviour's real review is the gold).
     """
     data_dir = Path(data_dir)
+    recommend_history = choose("recommend history", recommend_history or "category",
+                               {k: k for k in RECOMMEND_HISTORY})
     path = data_dir / "user_instructions.json"
     errors = ErrorLog(on_error, data_dir)
+    profiles = _load_profiles(data_dir)
+    if user_profiles and not profiles:
+        raise FileNotFoundError(f"{data_dir / 'user_profiles.json'}: no such file (needed by --user-profiles true)")
     raw = read_json(path)
     if not isinstance(raw, dict) or not all(isinstance(raw.get(s), list) for s in ("train", "test")):
         raise ValueError(f"{path}: expected an object with lists 'train' and 'test'")
-    histories, raw_items = _load_histories(data_dir, errors)
+    histories, raw_items, unsorted = _load_histories(data_dir, errors)
     tasks: dict[str, list[tuple[str, dict[str, Any]]]] = {"train": [], "test": []}
     for split in ("train", "test"):
         for i, t in enumerate(raw[split]):
@@ -173,12 +212,20 @@ def load_pwab(data_dir: str | Path, *, include_history_samples: bool = False,
     for split, items in tasks.items():
         for sid, t in items:
             history = history_before(t["user_id"], t["timestamp"], _target_id(t))
-            out[split].append(make_sample(sid, t["user_id"], t["task"], gold_call(t["type"], t["target"], history),
-                                          history, type=t["type"], timestamp=t["timestamp"], target=t["target"]))
+            gold = gold_call(t["type"], t["target"], history, recommend_history)
+            out[split].append(make_sample(sid, t["user_id"], t["task"], gold, history, type=t["type"],
+                                          timestamp=t["timestamp"], target=t["target"]))
     if include_history_samples:
         used = {(t["user_id"], _target_id(t)) for items in tasks.values() for _, t in items}
         out["train"] += _history_samples(histories, raw_items, used, history_before)
-    return Benchmark(out["train"], out["test"], errors.errors)
+    if user_profiles:
+        for s in out["train"] + out["test"]:
+            s["user_profile"] = profiles.get(s["user_id"], {})
+    parts = len(numbered_parts(data_dir, "user_history"))
+    layout = (f"PersonalWAB files (user_instructions.json, {parts} user_history part(s), user_profiles.json "
+              f"{'used' if user_profiles else 'present, not used' if profiles else 'absent'})")
+    stats = {"profiles": len(histories), "unsorted_profiles": unsorted, "users_with_user_profile": len(profiles)}
+    return Benchmark(out["train"], out["test"], errors.errors, layout=layout, stats=stats)
 
 
 def _history_samples(histories, raw_items, used, history_before) -> list[dict[str, Any]]:
@@ -222,6 +269,9 @@ def _render(sample: dict[str, Any], lines: list[str]) -> str:
     if lines:
         parts += ["The user's past purchases and reviews (asin | title | category | rating | review):",
                   *lines, ""]
+    if sample.get("user_profile"):  # only with --user-profiles true (off by default)
+        about = "; ".join(f"{k}: {v}" for k, v in sample["user_profile"].items())
+        parts += [f"About the user: {about}", ""]
     parts.append(f"User request: {sample['input']}")
     target = sample.get("target") or {}
     if sample.get("type") == "review" and isinstance(target.get("product_info"), dict):
@@ -253,15 +303,18 @@ def build_pwab_prompt(sample: dict[str, Any], history: list[dict[str, Any]], tok
 class PersonalWab(Task):
     name = "pwab"
     summary = "PersonalWAB function calling (search, recommend, review)"
-    defaults = {"include_history_samples": False, "history_k": 5, "max_new_tokens": 128, "positive_k": 5, "search_threshold": 0.65,
+    defaults = {"include_history_samples": False, "recommend_history": "category", "user_profiles": False,
+                "history_k": 5, "max_new_tokens": 128, "positive_k": 5, "search_threshold": 0.65,
                 "review_threshold": 0.51, "recommend_in_list": True}
     metrics = tuple(PWAB_METRICS)
     pair_collector = "tool_calls"
     record_fields = ("type", "target", "timestamp")
     setup_stages = ("train_sasrec",)  # the recommender behind get_recommendations_by_history
+    load_options = ("recommend_history", "user_profiles")
 
-    def load(self, data_dir: Path, *, include_history_samples: bool = False, on_error: str = "stop") -> Benchmark:
-        return load_pwab(data_dir, include_history_samples=include_history_samples, on_error=on_error)
+    def load(self, data_dir: Path, *, include_history_samples: bool = False, on_error: str = "stop",
+             **options: Any) -> Benchmark:
+        return load_pwab(data_dir, include_history_samples=include_history_samples, on_error=on_error, **options)
 
     def prompt(self, sample, history, tokenizer=None, max_prompt_tokens=DEFAULT_MAX_PROMPT_TOKENS) -> str:
         return build_pwab_prompt(sample, history, tokenizer, max_prompt_tokens)

@@ -54,7 +54,13 @@ def test_gold_calls_name_the_target_or_the_users_sequence(bench):
     assert json.loads(search["output"]) == {"name": "search_product_by_query",
                                             "arguments": {"query": "Baratza Encore Conical Burr Coffee Grinder"}}
     rec = by_id(bench.train)["train-1"]
-    assert json.loads(rec["output"])["arguments"]["product_sequence"] == [h["asin"] for h in rec["history"]]
+    # PersonalWAB's recommender input: the history in the target's main_category only.
+    category = rec["target"]["product_info"]["main_category"]
+    same = [h["asin"] for h in rec["history"] if h["category"] == category]
+    assert len(same) < len(rec["history"])  # the coffee user's book is left out
+    assert json.loads(rec["output"])["arguments"]["product_sequence"] == same
+    every = by_id(load_pwab(PWAB, recommend_history="all").train)["train-1"]
+    assert json.loads(every["output"])["arguments"]["product_sequence"] == [h["asin"] for h in rec["history"]]
     review = by_id(bench.test)["test-0"]
     assert json.loads(review["output"])["arguments"]["review"] == review["target"]["review"]["text"]
 
