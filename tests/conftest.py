@@ -81,7 +81,7 @@ def _build(path: Path, kind: str, chat_template: str | None) -> Path:
 # One tiny random model per supported family (2 layers, hidden 32).  Sliding windows are
 # wider than any test sequence so that a left-padded row sees the same tokens as the row
 # alone (a window counts padded positions).
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "olmo2", "gpt2")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "olmo2", "olmo3", "gpt2")
 
 
 def family_model(kind: str, tok):
@@ -100,6 +100,7 @@ def family_model(kind: str, tok):
         "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, **gemma)),
         "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**common, **gemma)),
         "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**common)),
+        "olmo3": lambda: tf.Olmo3ForCausalLM(tf.Olmo3Config(**common, sliding_window=512)),
         "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
             vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=512, bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)),

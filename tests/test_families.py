@@ -25,7 +25,7 @@ PAIRS = [{"pair_id": f"p{i}", "user_id": "u", "sample_id": f"s{i}", "prompt": pr
               ("Generate a headline for the following article: the quick brown fox", "Fox jumps", "A dog sleeps"),
               ("JSON files", "A library for parsing JSON files and images", "print hello"),
               ("Debian package", "short descriptions", "long descriptions of their software")])]
-SANDWICH = {"gemma2", "gemma3", "olmo2"}
+SANDWICH = {"gemma2", "gemma3", "olmo2", "olmo3"}
 ATOL = 1e-5
 
 
@@ -39,7 +39,7 @@ def _branches(kind: str, layer):
         return (lambda x, kw: layer.self_attn(hidden_states=layer.input_layernorm(x), **kw)[0],
                 layer.post_attention_layernorm,
                 lambda x: layer.mlp(layer.pre_feedforward_layernorm(x)), layer.post_feedforward_layernorm)
-    if kind == "olmo2":  # no input norms: the branch outputs are normalized instead
+    if kind in ("olmo2", "olmo3"):  # no input norms: the branch outputs are normalized instead
         return (lambda x, kw: layer.self_attn(hidden_states=x, **kw)[0], layer.post_attention_layernorm,
                 layer.mlp, layer.post_feedforward_layernorm)
     return (lambda x, kw: layer.self_attn(hidden_states=layer.input_layernorm(x), **kw)[0], ident,
