@@ -51,8 +51,10 @@ class CommonConfig:
     overwrite: bool = field(default=False, metadata={"help": "redo a stage whose manifest exists"})
     config: str = field(default="", metadata={"help": "task config JSON supplying defaults for every flag"})
     layers_attr: str = field(default="", metadata={
-        "help": "for architectures layer discovery does not know: dotted path to the decoder layers, "
-                "optionally followed by ':attn_attr:mlp_attr' (default ':self_attn:mlp')"})
+        "help": "for architectures layer discovery does not know: 'path[:attn[:mlp[:attn_norm:mlp_norm]]]', "
+                "the dotted path to the decoder layers, the attention and MLP attribute names of a layer "
+                "(default self_attn, mlp) and the norms applied to their outputs before the residual add, "
+                "if any (e.g. post_attention_layernorm, post_feedforward_layernorm)"})
     log_level: str = field(default="INFO", metadata={"help": "logging level", "choices": LOG_LEVELS})
     debug: bool = field(default=False, metadata={"help": "show the Python traceback of an error"})
 

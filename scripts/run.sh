@@ -2,7 +2,8 @@
 # Run the whole pipeline, 01 -> 06, for one task config and every algorithm:
 #   bash scripts/run.sh configs/lamp4.json
 # A stage whose manifest exists skips itself, so a rerun only does what is missing.
-# ALGOS="rag fints" and SPLITS="seen_test unseen_test" choose what stages 05-06 run.
+# ALGOS="rag fints" and SPLITS="seen_test unseen_test" choose what stages 05-06 run;
+# FLAGS="--model models/gemma-3-270m --run-dir runs/demo-gemma" is passed to every stage.
 # Prints the results table and the seconds each stage took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,7 @@ CONFIG=${1:?usage: bash scripts/run.sh configs/<task>.json}
 PY=${PYTHON:-.venv/bin/python}
 ALGOS=${ALGOS:-zeroshot rag steer fints}
 SPLITS=${SPLITS:-seen_test}
+read -r -a EXTRA <<< "${FLAGS:-}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 TIMES=$(mktemp)
 trap 'rm -f "$TIMES"' EXIT
@@ -19,7 +21,7 @@ stage() {  # stage LABEL MODULE [flags...]: run one stage and record its wall ti
   local t0 t1
   t0=$(date +%s.%N)
   echo "=== $label ==="
-  "$PY" -m "scripts.$module" --config "$CONFIG" "$@"
+  "$PY" -m "scripts.$module" --config "$CONFIG" "${EXTRA[@]}" "$@"
   t1=$(date +%s.%N)
   printf "%s\t%s\n" "$label" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" >> "$TIMES"
 }

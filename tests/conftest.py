@@ -78,6 +78,63 @@ def _build(path: Path, kind: str, chat_template: str | None) -> Path:
     return path
 
 
+# One tiny random model per supported family (2 layers, hidden 32).  Sliding windows are
+# wider than any test sequence so that a left-padded row sees the same tokens as the row
+# alone (a window counts padded positions).
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "olmo2", "olmo3", "gpt2")
+
+
+def family_model(kind: str, tok):
+    """A tiny random ``kind`` causal LM for ``tok``, with non-trivial norm weights (fp32, eval)."""
+    import transformers as tf
+
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    gemma = dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=512)
+    builders = {
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**common)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**common)),
+        "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=8)),
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=512)),
+        "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, **gemma)),
+        "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**common, **gemma)),
+        "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**common)),
+        "olmo3": lambda: tf.Olmo3ForCausalLM(tf.Olmo3Config(**common, sliding_window=512)),
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
+            vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=512, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)),
+    }
+    torch.manual_seed(0)
+    model = builders[kind]()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or ".ln_" in name:  # random init leaves norms at identity
+                param.add_(0.5 * torch.randn_like(param))
+        model.lm_head.weight.mul_(8.0)  # decisive greedy choices (see _build)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def family_tokenizer(tmp_path_factory):
+    tok = _train_tokenizer(tmp_path_factory.mktemp("family_tok"), CHATML)
+    tok.padding_side = "left"  # as load_tokenizer sets it
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_family(family_tokenizer):
+    """``tiny_family(kind)`` -> ``(model, tokenizer)``, built once per session and kind."""
+    cache: dict[str, tuple] = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            cache[kind] = (family_model(kind, family_tokenizer), family_tokenizer)
+        return cache[kind]
+    return get
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return _build(tmp_path_factory.mktemp("tiny_llama"), "llama", CHATML)
