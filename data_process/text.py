@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -59,15 +60,18 @@ class BM25:
         return self
 
     def query_counts(self, queries: Sequence[str]) -> sparse.csr_array:
-        """``[len(queries), terms]`` counts of each query's known terms."""
-        rows, cols = [], []
-        for i, query in enumerate(queries):
-            found = [self.vocab[t] for t in tokenize(query) if t in self.vocab]
-            rows.extend([i] * len(found))
-            cols.extend(found)
-        data = np.ones(len(cols), dtype=np.float64)
-        # duplicate (row, term) entries are summed: a repeated query term counts again
-        return sparse.csr_array((data, (rows, cols)), shape=(len(queries), len(self.vocab)))
+        """``[len(queries), terms]`` counts of each query's known terms (a repeated query
+        term counts again, as in rank_bm25)."""
+        indptr, indices, data = [0], [], []
+        for query in queries:
+            for term, count in Counter(tokenize(query)).items():
+                column = self.vocab.get(term)
+                if column is not None:
+                    indices.append(column)
+                    data.append(count)
+            indptr.append(len(indices))
+        return sparse.csr_array((np.array(data, dtype=np.float64), np.array(indices, dtype=np.int64),
+                                 np.array(indptr, dtype=np.int64)), shape=(len(queries), len(self.vocab)))
 
     def batch_scores(self, queries: Sequence[str]) -> np.ndarray:
         """``[len(queries), documents]`` BM25 scores (float64, corpus order)."""

@@ -169,6 +169,6 @@ class PairAggregator:
             entry, order, weights = picked
             target = torch.tensor(rows)
             for key, matrix in entry.vectors.items():
-                # [q, k] weights over [q, k, hidden] gathered vectors -> [q, hidden], fp32
-                out[key][target] = torch.einsum("qk,qkh->qh", weights, matrix[order].float())
+                # [q, 1, k] weights x [q, k, hidden] gathered vectors -> [q, hidden], fp32
+                out[key][target] = torch.bmm(weights.unsqueeze(1), matrix[order].float()).squeeze(1)
         return out

@@ -166,7 +166,8 @@ class VectorStore:
             parts = [tensor[start:stop] for start, stop in _runs(rows)]
         if not parts:
             return torch.zeros(0, self.hidden_size, dtype=getattr(torch, self.meta["dtype"]))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        # A slice is a view of the whole memory-mapped tensor: copy out just these rows.
+        return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
 
     def get(self, key: str) -> torch.Tensor:
         """``[n_pairs, hidden]`` fp32 vectors of one site key (the whole tensor)."""
