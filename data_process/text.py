@@ -14,8 +14,8 @@ queries is one sparse product instead of a Python loop over documents per query 
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -60,17 +60,15 @@ class BM25:
         return self
 
     def query_counts(self, queries: Sequence[str]) -> sparse.csr_array:
-        """``[len(queries), terms]`` counts of each query's known terms (a repeated query
-        term counts again, as in rank_bm25)."""
-        indptr, indices, data = [0], [], []
+        """``[len(queries), terms]`` sparse query matrix: one entry 1.0 per occurrence of a
+        known term, in query order, so the product adds a document's term weights in the
+        order rank_bm25 does (and a repeated query term counts again) -- equal scores to
+        the last bit, hence equal rankings even among float near-ties."""
+        indptr, indices = [0], []
         for query in queries:
-            for term, count in Counter(tokenize(query)).items():
-                column = self.vocab.get(term)
-                if column is not None:
-                    indices.append(column)
-                    data.append(count)
+            indices.extend(self.vocab[t] for t in tokenize(query) if t in self.vocab)
             indptr.append(len(indices))
-        return sparse.csr_array((np.array(data, dtype=np.float64), np.array(indices, dtype=np.int64),
+        return sparse.csr_array((np.ones(len(indices)), np.array(indices, dtype=np.int64),
                                  np.array(indptr, dtype=np.int64)), shape=(len(queries), len(self.vocab)))
 
     def batch_scores(self, queries: Sequence[str]) -> np.ndarray:
@@ -102,8 +100,11 @@ def _bm25_weights(ids: list[list[int]], n_terms: int, k1: float, b: float, epsil
     cells, tf = np.unique(term_of * n_docs + doc_of, return_counts=True)
     term, doc = np.divmod(cells, n_docs)
     df = np.bincount(term, minlength=n_terms).astype(np.float64)
-    idf = np.log(n_docs - df + 0.5) - np.log(df + 0.5)
-    idf[idf < 0] = epsilon * idf.mean()  # rank_bm25's floor for terms in over half the documents
+    # math.log and a sequential sum, as rank_bm25 computes them (np.log may differ in the
+    # last bit); one log per distinct document frequency.
+    values, inverse = np.unique(df, return_inverse=True)
+    idf = np.array([math.log(n_docs - f + 0.5) - math.log(f + 0.5) for f in values.tolist()])[inverse]
+    idf[idf < 0] = epsilon * (np.cumsum(idf)[-1] / n_terms)  # rank_bm25's floor for terms in over half the documents
     norm = k1 * (1 - b + b * lengths / lengths.mean())
     data = idf[term] * (tf * (k1 + 1) / (tf + norm[doc]))  # rank_bm25's order of operations
     indptr = np.concatenate([[0], np.cumsum(np.bincount(term, minlength=n_terms))])

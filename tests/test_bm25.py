@@ -25,9 +25,9 @@ def test_the_negative_idf_floor_and_repeated_query_terms_match_the_hand_computat
 
 
 def test_scores_equal_rank_bm25_on_random_corpora_and_batches_equal_single_queries():
-    rng = random.Random(0)
+    rng = random.Random(0)  # rank_bm25 is the independent reference: scores must be bit-identical
     words = [f"w{i}" for i in range(200)] + ["the"] * 60  # "the" is in most documents
-    for _ in range(100):
+    for _ in range(300):
         docs = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 25))) for _ in range(rng.randint(1, 40))]
         queries = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 30))) for _ in range(3)]
         tokens = [tokenize(d) for d in docs]
@@ -38,8 +38,7 @@ def test_scores_equal_rank_bm25_on_random_corpora_and_batches_equal_single_queri
         batch = bm25.batch_scores(queries)
         for query, row in zip(queries, batch):
             expected = reference.get_scores(tokenize(query))
-            np.testing.assert_allclose(row, expected, rtol=1e-12, atol=1e-12)
-            np.testing.assert_array_equal(np.argsort(-row, kind="stable"), np.argsort(-expected, kind="stable"))
+            np.testing.assert_array_equal(row, expected)  # to the last bit: near-ties rank alike
             np.testing.assert_array_equal(bm25.scores(query), row)
 
 
