@@ -4,7 +4,8 @@ For every training sample, ``num_neg_per_user`` tries prompt the model with ``hi
 history items of OTHER users (``rag="others"``, seeded per sample) or with the user's
 own ranked history (``rag="history"``); a try whose answer has ROUGE-L F1 below the
 task threshold against the gold becomes a pair's ``rejected`` side, the gold its
-``chosen`` side.  A pair's ``prompt`` is the question without any history.
+``chosen`` side.  A pair's ``prompt`` is the question without any history; its ``query``
+is the task's query text of the sample (what stage 05 retrieves pairs by).
 
 Resume: :class:`PairWriter` appends pairs to ``pairs.jsonl`` and, after a sample's
 last pair, one line to ``progress.jsonl`` (the sample's done-marker with its counts, so
@@ -151,7 +152,8 @@ def _judge(sample: dict, answers: list[str], s: PairSettings, prompt: str) -> tu
             continue
         counts["kept"] += 1
         records.append({"pair_id": f"{sample['id']}-n{t}", "user_id": sample["user_id"],
-                        "sample_id": sample["id"], "prompt": prompt, "chosen": sample["output"],
+                        "sample_id": sample["id"], "prompt": prompt, "query": s.task.query(sample),
+                        "chosen": sample["output"],
                         "rejected": answer, "rouge_l": round(score, 4)})
     return records, {**counts, "scores": scores}
 

@@ -155,7 +155,7 @@ def _write_pairs(cfg, task: Task, sample: dict, positive: tuple[str, float] | No
             continue
         counts["kept"] += 1
         writer.write({"pair_id": f"{sample['id']}-n{t}", "user_id": sample["user_id"], "sample_id": sample["id"],
-                      "prompt": prompt, "chosen": chosen, "rejected": rejected,
+                      "prompt": prompt, "query": task.query(sample), "chosen": chosen, "rejected": rejected,
                       "rouge_l": round(rouge_l(rejected, chosen), 4), "score": round(chosen_score, 4),
                       "rejected_score": round(score, 4)})
     return dict(counts)

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_process.config import choose
-from data_process.text import BM25
+from data_process.text import BM25, tokenize
 from data_process.timeline import time_keys
 
 Ranking = list[tuple[list[int], list[float]]]
@@ -55,11 +55,20 @@ def _finish(scores: np.ndarray) -> tuple[list[int], list[float]]:
 
 
 def rank_bm25(samples: list[dict], *, query: Query = sample_input, **_: Any) -> Ranking:
-    """BM25 of the query against the sample's own history items."""
+    """BM25 of the query against the sample's own history items.
+
+    A user's items recur in the histories of all their samples, so each distinct item
+    text is tokenized once per call.
+    """
+    tokens: dict[str, list[str]] = {}
     out = []
     for s in tqdm(samples, desc="rank bm25", leave=False):
-        bm25 = BM25([item_text(h) for h in s["history"]])
-        out.append(_finish(bm25.scores(query(s))))
+        docs = []
+        for text in map(item_text, s["history"]):
+            if text not in tokens:
+                tokens[text] = tokenize(text)
+            docs.append(tokens[text])
+        out.append(_finish(BM25(docs).scores(query(s))))
     return out
 
 

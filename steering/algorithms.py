@@ -182,8 +182,9 @@ class Fints(Rag):
     def __call__(self, samples: list[dict]) -> Prepared:
         prepared = super().__call__(samples)
         users = [s["user_id"] for s in samples]
-        # Pairs are indexed by their history-free question, so the query takes that form too.
-        queries = [build_message(self.settings, s, []) for s in samples]
+        # The task's query text (article, title, request), as on the pairs' side: the
+        # instruction template would match every pair alike.
+        queries = [self.settings.task.query(s) for s in samples]
         vectors = self.aggregator.vectors(users, queries)
         prepared.missing_users = set(users) & set(getattr(self.aggregator, "missing_users", set()))
         prepared.deltas = _scale(vectors, self.settings.steer)

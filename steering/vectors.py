@@ -6,7 +6,9 @@ Files (safetensors only; never pickle):
   ``block.15``), shape ``[n_pairs, hidden]``, rows in ``pairs.jsonl`` order.  The header
   metadata key ``fints`` holds JSON: model name, hidden size, layers, sites, keys, dtype,
   n_pairs, extraction settings, and the sha256 of the index file.
-* ``vectors.index.json`` -- the rows: ``[{pair_id, user_id, sample_id, prompt}, ...]``.
+* ``vectors.index.json`` -- the rows: ``[{pair_id, user_id, sample_id, prompt, query}, ...]``
+  (``query``, the task's query text of the pair's sample, is absent in stores made
+  before pairs carried it).
 * ``user_vectors.safetensors`` -- tensors named ``"<strategy>/<key>/<user_id>"`` (e.g.
   ``"pca/attn.15/u123"``), shape ``[hidden]``, same ``fints`` metadata.
 
@@ -34,6 +36,7 @@ INDEX_FILE = "vectors.index.json"
 USER_VECTORS_FILE = "user_vectors.safetensors"
 FORMAT_VERSION = 1
 INDEX_FIELDS = ("pair_id", "user_id", "sample_id", "prompt")
+OPTIONAL_INDEX_FIELDS = ("query",)  # the task's query text of the pair's sample (pair retrieval)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict) -> None:
@@ -80,7 +83,7 @@ def save_vectors(out_dir: str | Path, tensors: dict[str, torch.Tensor], index: l
     rows = {t.shape[0] for t in tensors.values()}
     if rows != {len(index)}:
         raise ValueError(f"vector rows {sorted(rows)} do not match the index length {len(index)}")
-    index = [{k: r[k] for k in INDEX_FIELDS} for r in index]
+    index = [{k: r[k] for k in INDEX_FIELDS + OPTIONAL_INDEX_FIELDS if k in r or k in INDEX_FIELDS} for r in index]
     write_json(out_dir / INDEX_FILE, index)
     meta = {**meta, "format_version": FORMAT_VERSION, "keys": sorted(tensors), "n_pairs": len(index),
             "dtype": str(dtype).removeprefix("torch."), "index_file": INDEX_FILE,
@@ -95,19 +98,38 @@ def _resolve(path: str | Path, name: str) -> Path:
     return path / name if path.is_dir() else path
 
 
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """``rows`` (ascending) as ``[start, stop)`` runs of consecutive row numbers."""
+    runs: list[tuple[int, int]] = []
+    for row in rows:
+        if runs and runs[-1][1] == row:
+            runs[-1] = (runs[-1][0], row + 1)
+        else:
+            runs.append((row, row + 1))
+    return runs
+
+
 @dataclass
 class VectorStore:
-    """Per-pair vectors in memory: ``.meta``, ``.index`` (rows), ``.get(key)`` fp32."""
+    """Per-pair vectors: ``.meta``, ``.index`` (rows), and the vectors themselves.
+
+    A loaded store is lazy: it holds the metadata and the index, and :meth:`read` takes
+    the rows it is asked for from the file (safetensors slices of the memory-mapped
+    file), so a process's memory grows with the users it steers, not with the store.
+    ``tensors`` (key -> ``[n_pairs, hidden]``) makes an in-memory store instead.
+    """
 
     meta: dict
     index: list[dict]
-    tensors: dict[str, torch.Tensor] = field(repr=False)
+    tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     path: Path | None = None
+    selected: list[str] | None = None  # the keys a lazy store serves (``load``'s ``keys``)
 
     @classmethod
     def load(cls, path: str | Path, model=None, keys: list[str] | None = None) -> VectorStore:
-        """Load a store (a vectors directory or its ``vectors.safetensors``), checking it
-        against ``model`` (name, hidden size) and ``keys`` (must have been extracted)."""
+        """Open a store (a vectors directory or its ``vectors.safetensors``), checking it
+        against ``model`` (name, hidden size) and ``keys`` (must have been extracted).
+        No vector is read until :meth:`read` or :meth:`get` asks for it."""
         path = _resolve(path, VECTORS_FILE)
         meta = _read_meta(path)
         check_model(meta, model, path)
@@ -117,21 +139,43 @@ class VectorStore:
         if len(index) != meta["n_pairs"] or sha256_file(index_path) != meta["index_sha256"]:
             raise ValueError(f"{index_path} does not belong to {path} (row count or checksum differs); "
                              "re-run stage 04 with --overwrite")
-        tensors = {}
-        with safe_open(str(path), framework="pt") as f:
-            for key in keys or meta["keys"]:
-                tensors[key] = f.get_tensor(key).float()
-        return cls(meta, index, tensors, path)
+        return cls(meta, index, None, path, list(keys or meta["keys"]))
 
     @property
     def keys(self) -> list[str]:
-        return list(self.tensors)
+        return list(self.tensors) if self.tensors is not None else list(self.selected or self.meta["keys"])
+
+    @property
+    def hidden_size(self) -> int:
+        if self.tensors is not None and self.tensors:
+            return next(iter(self.tensors.values())).shape[1]
+        return int(self.meta["hidden_size"])
+
+    def _check(self, key: str) -> None:
+        if key not in self.keys:
+            raise ValueError(f"{self.path}: key {key!r} not loaded; available {sorted(self.keys)}")
+
+    def read(self, key: str, rows: list[int]) -> torch.Tensor:
+        """``[len(rows), hidden]`` vectors of ascending store ``rows``, in the stored dtype;
+        a lazy store reads just these rows from disk, one slice per run of consecutive rows."""
+        self._check(key)
+        if self.tensors is not None:
+            return self.tensors[key][rows]
+        with safe_open(str(self.path), framework="pt") as f:
+            tensor = f.get_slice(key)
+            parts = [tensor[start:stop] for start, stop in _runs(rows)]
+        if not parts:
+            return torch.zeros(0, self.hidden_size, dtype=getattr(torch, self.meta["dtype"]))
+        # A slice is a view of the whole memory-mapped tensor: copy out just these rows.
+        return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
 
     def get(self, key: str) -> torch.Tensor:
-        """``[n_pairs, hidden]`` fp32 vectors of one site key."""
-        if key not in self.tensors:
-            raise ValueError(f"{self.path}: key {key!r} not loaded; available {sorted(self.tensors)}")
-        return self.tensors[key]
+        """``[n_pairs, hidden]`` fp32 vectors of one site key (the whole tensor)."""
+        self._check(key)
+        if self.tensors is not None:
+            return self.tensors[key].float()
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(key).float()
 
     def rows_by_user(self) -> dict[str, list[int]]:
         """Row numbers of every user's pairs, in index order."""

@@ -8,17 +8,23 @@ import pytest
 import torch
 
 from steering.aggregate import PairAggregator
-from steering.vectors import VectorStore
+from steering.vectors import VectorStore, save_vectors
 
 U1 = ["red apple pie", "green apple tart", "blue car engine", "fast red car", "quiet forest walk",
       "ocean waves sound"]
 U2 = ["red car", "red car again"]
 
 
-def _store():
-    """Pair i's vector is the basis vector e_i, so an aggregate shows its weights directly."""
+def _store(field="prompt"):
+    """Pair i's vector is the basis vector e_i, so an aggregate shows its weights directly.
+    ``field`` says which index field holds the pair's text (``query`` in current stores)."""
     prompts = [("u1", p) for p in U1] + [("u2", p) for p in U2]
-    index = [{"pair_id": f"p{i}", "user_id": u, "sample_id": f"s{i}", "prompt": p} for i, (u, p) in enumerate(prompts)]
+    index = [{"pair_id": f"p{i}", "user_id": u, "sample_id": f"s{i}", "prompt": f"Write about: {p}"}
+             for i, (u, p) in enumerate(prompts)]
+    if field == "query":
+        index = [{**r, "query": p} for r, (_, p) in zip(index, prompts)]
+    else:
+        index = [{**r, "prompt": p} for r, (_, p) in zip(index, prompts)]
     eye = torch.eye(len(index))
     return VectorStore({"keys": ["attn.1", "mlp.1"]}, index, {"attn.1": eye, "mlp.1": 2 * eye})
 
@@ -94,3 +100,50 @@ def test_bad_settings_are_clear_errors():
         PairAggregator(_store(), ["attn.1"], retriever="tfidf")
     with pytest.raises(ValueError, match="not loaded"):
         PairAggregator(_store(), ["block.1"])
+
+
+def test_pairs_are_retrieved_by_their_query_field_and_old_stores_by_their_prompt(caplog):
+    store = _store("query")
+    store.index = [{**r, "prompt": "Write about: ocean waves sound"} for r in store.index]  # prompts all alike
+    rows, _ = PairAggregator(store, ["attn.1"], top_k=1).select("u1", ["red car"])
+    assert rows.tolist() == [[3]]
+    with caplog.at_level(logging.WARNING):
+        PairAggregator(_store(), ["attn.1"], top_k=1)
+    assert "no 'query' field" in caplog.text
+
+
+def _lazy_store(tmp_path, n_users=3, per_user=7, hidden=8):
+    """A saved store whose users' pairs interleave (so a user's rows are not one run)."""
+    index = [{"pair_id": f"p{i}", "user_id": f"u{i % n_users}", "sample_id": f"s{i}", "prompt": "",
+              "query": " ".join(f"w{(i * 7 + j) % 11}" for j in range(1 + i % 4))}
+             for i in range(n_users * per_user)]
+    tensors = {"attn.1": torch.randn(len(index), hidden), "mlp.1": torch.randn(len(index), hidden)}
+    save_vectors(tmp_path, tensors, index, {"model": "m", "hidden_size": hidden})
+    return VectorStore.load(tmp_path), VectorStore({"keys": sorted(tensors)}, index,
+                                                   {k: v.half() for k, v in tensors.items()})
+
+
+def test_a_lazy_store_aggregates_like_an_in_memory_one_and_reads_one_user_at_a_time(tmp_path, monkeypatch):
+    lazy, memory = _lazy_store(tmp_path)
+    read = []
+    real_read = VectorStore.read
+    monkeypatch.setattr(VectorStore, "read", lambda self, key, rows: read.append(rows) or real_read(self, key, rows))
+    users, queries = ["u0", "u2", "u0", "u1"], ["w1 w3", "w5", "w2 w2 w9", "w10 w0"]
+    agg = PairAggregator(lazy, ["attn.1", "mlp.1"], top_k=3)
+    got = agg.vectors(users[:2], queries[:2])
+    assert read == [[0, 3, 6, 9, 12, 15, 18]] * 2 + [[2, 5, 8, 11, 14, 17, 20]] * 2  # u1 not read
+    got = {k: torch.cat([v, agg.vectors(users[2:], queries[2:])[k]]) for k, v in got.items()}
+    expected = PairAggregator(memory, ["attn.1", "mlp.1"], top_k=3).vectors(users, queries)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key])
+
+
+def test_the_user_cache_is_bounded_and_an_evicted_user_is_read_again(tmp_path):
+    lazy, _ = _lazy_store(tmp_path)
+    one_user = 2 * 7 * 8 * 2  # keys x pairs x hidden x fp16 bytes
+    agg = PairAggregator(lazy, ["attn.1", "mlp.1"], top_k=2, cache_mb=1.5 * one_user / 2**20)
+    first = agg.vectors(["u0"], ["w1"])["attn.1"]
+    agg.vectors(["u1"], ["w1"])
+    assert list(agg._cache) == ["u1"]  # u0 evicted: the bound holds one user
+    torch.testing.assert_close(agg.vectors(["u0"], ["w1"])["attn.1"], first)
+    assert list(agg._cache) == ["u0"]

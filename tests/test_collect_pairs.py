@@ -75,6 +75,7 @@ def test_rouge_filter_keeps_only_tries_unlike_the_gold(tmp_path):
     assert kept["rejected"] == "A web browser" and kept["chosen"] == gold and kept["rouge_l"] == 0.0
     assert kept["prompt"].startswith("Generate a headline for the following article: article ua-s0")
     assert "Headline:" not in kept["prompt"]  # the pair's prompt carries no history
+    assert kept["query"] == get_task("lamp4").query(SAMPLES[0])  # what stage 05 retrieves it by
     assert not any(p["sample_id"] == SAMPLES[1]["id"] for p in pairs.values())  # empty + similar
     assert [p["pair_id"] for p in pairs.values() if p["sample_id"] == SAMPLES[2]["id"]] == ["ua-s2-n0"]
     ua = summary["per_user"]["ua"]

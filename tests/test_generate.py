@@ -109,3 +109,20 @@ def test_pwab_records_keep_type_target_and_timestamp(tmp_path, monkeypatch):
     (record,) = read_jsonl(tmp_path / "g.jsonl")
     assert record["type"] == "search" and record["target"] == {"query": "red shoes"} and record["timestamp"] == 17
     assert record["generation"] == '{"name": "search"}'
+
+
+def test_fints_retrieves_pairs_with_the_task_query_text_not_the_instruction(tmp_path, monkeypatch):
+    from steering.aggregate import PairAggregator
+    from steering.vectors import save_vectors
+
+    index = [{"pair_id": "p0", "user_id": "u1", "sample_id": "h0", "prompt": "p", "query": "article 0"}]
+    save_vectors(tmp_path, {"attn.1": torch.ones(1, 4)}, index, {"model": "m", "hidden_size": 4})
+    asked = []
+    real = PairAggregator.vectors
+    monkeypatch.setattr(PairAggregator, "vectors", lambda self, users, queries: asked.append(queries)
+                        or real(self, users, queries))
+    fints = build_algorithm("fints", AlgoSettings(task=LAMP4, steer=SteerSpec.build([1], ["attn"]),
+                                                  vectors_dir=tmp_path, hidden_size=4))
+    prepared = fints([SAMPLE])
+    assert asked == [["new text"]]
+    torch.testing.assert_close(prepared.deltas["attn.1"], torch.ones(1, 4))

@@ -123,3 +123,40 @@ def test_user_vectors_use_only_each_users_own_pairs():
     torch.testing.assert_close(out["pca"]["attn.0"]["b"], torch.tensor([0.0, 3.0]))
     with pytest.raises(ValueError, match="Did you mean 'pca'"):
         user_vectors(index, acts, ["pcaa"])
+
+
+def test_a_loaded_store_reads_only_the_rows_asked_for(tiny_llama, tmp_path, monkeypatch):
+    model, _ = tiny_llama
+    tensors, _ = _save(tmp_path, model)
+    store = VectorStore.load(tmp_path, model=model, keys=["mlp.0"])
+    assert store.tensors is None and store.keys == ["mlp.0"]  # nothing read at load time
+    sliced = []
+    real_open = safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.f = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_slice(self, key):
+            part = self.inner.get_slice(key)
+
+            class Rows:
+                def __getitem__(_, rows):
+                    sliced.append((key, rows.start, rows.stop))
+                    return part[rows]
+            return Rows()
+
+    monkeypatch.setattr("steering.vectors.safe_open", Recording)
+    rows = store.read("mlp.0", [0, 2, 3])
+    assert rows.dtype == torch.float16
+    torch.testing.assert_close(rows, tensors["mlp.0"].half()[[0, 2, 3]])
+    assert sliced == [("mlp.0", 0, 1), ("mlp.0", 2, 4)]  # one slice per run of consecutive rows
+    with pytest.raises(ValueError, match="not loaded"):
+        store.read("attn.0", [0])
