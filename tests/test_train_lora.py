@@ -148,3 +148,31 @@ def test_a_killed_run_resumes_with_the_next_user_and_matches_a_fresh_run(run, tm
         assert resumed.keys() == fresh.keys()
         assert all(torch.equal(resumed[k], fresh[k]) for k in fresh), user
     assert not (out / f"{calls[1]}.partial").exists()
+
+
+def test_the_loss_covers_answer_tokens_only_and_matches_the_full_head(tiny_llama):
+    from steering.lora import collate, encode_example, mean_loss
+
+    model, tok = tiny_llama
+    examples = [encode_example(tok, "the quick brown fox", "jumps over", 16),
+                encode_example(tok, "a library for parsing JSON files and a tool", "parser", 16)]
+    batch = collate(examples, tok.pad_token_id, "cpu")
+    for e, labels in zip(examples, batch["labels"]):
+        assert labels[:e.answer_start].eq(-100).all() and labels[len(e.ids):].eq(-100).all()
+        assert labels[len(e.ids) - 1] == tok.eos_token_id  # the answer ends with EOS, which is learned
+    with torch.no_grad():  # transformers' own loss: every position through the head, mean over labels
+        reference = model(**batch).loss.item()
+    assert mean_loss(model, examples, tok.pad_token_id) == pytest.approx(reference, rel=1e-5)
+
+
+def test_length_grouped_batches_cover_every_example_once_and_are_seeded():
+    import random
+
+    from steering.lora import length_grouped_batches
+
+    lengths = [random.Random(i).randint(5, 500) for i in range(70)]
+    batches = length_grouped_batches(lengths, 4, random.Random(3))
+    assert sorted(i for b in batches for i in b) == list(range(70))
+    assert all(1 <= len(b) <= 4 for b in batches)
+    assert batches == length_grouped_batches(lengths, 4, random.Random(3))
+    assert batches != length_grouped_batches(lengths, 4, random.Random(4))
