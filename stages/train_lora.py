@@ -84,8 +84,7 @@ def run(cfg: TrainLoraConfig) -> dict[str, Any]:
         return {}
     ranked = finished_input(cfg.run_dir, "ranked", "02_rank_history")
     source = ranked / "train.jsonl"
-    samples = load_samples(source)
-    _refuse_test_leaks(samples, source, ranked)
+    samples = _without_test_leaks(load_samples(source), source, ranked)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
@@ -172,11 +171,14 @@ def _checked_name(user: str, source: Path) -> str:
     return user
 
 
-def _refuse_test_leaks(samples: list[dict], source: Path, ranked: Path) -> None:
-    """Error if a training sample is a test sample, or its answer or history holds a test gold.
+def _without_test_leaks(samples: list[dict], source: Path, ranked: Path) -> list[dict]:
+    """``samples`` less those whose answer is one of the user's test golds (a warning).
 
-    Stage 01's leakage rule already guarantees this; the adapters are trained on the
-    answers themselves, so a broken split would go unnoticed in the scores: check again.
+    A training sample that is a test sample, or whose history holds one or a test gold,
+    means a broken split: an error.  Stage 01's leakage rule already guarantees both;
+    the adapters learn the answers themselves, so a leak would go unnoticed in the
+    scores: check again.  A training question whose answer merely has the same text as
+    a test gold is legitimate data, but training on it would teach that gold: skip it.
     """
     test_ids: set[str] = set()
     test_golds: dict[str, set[str]] = {}
@@ -184,14 +186,18 @@ def _refuse_test_leaks(samples: list[dict], source: Path, ranked: Path) -> None:
         for s in load_samples(path):
             test_ids.add(s["id"])
             test_golds.setdefault(s["user_id"], set()).add(s["output"])
+    kept, skipped = [], []
     for i, s in enumerate(samples):
         golds = test_golds.get(s["user_id"], set())
         where = f"{source}:{i + 1} (id {s['id']!r})"
         if s["id"] in test_ids:
             raise ValueError(f"{where}: field 'id' is a test sample's id; refusing to train on it")
-        if s["output"] in golds:
-            raise ValueError(f"{where}: field 'output' is one of the user's test golds; refusing to train on it")
+        (skipped if s["output"] in golds else kept).append(s)
         for item in s["history"]:
             if item.get("id") in test_ids or item.get("output") in golds:
                 raise ValueError(f"{where}: field 'history' holds a test sample or test gold "
                                  f"(item {item.get('id')!r}); refusing to train on it")
+    if skipped:
+        log.warning("[train_lora] skipped %d training sample(s) whose answer is also a test gold of their user: %s",
+                    len(skipped), [s["id"] for s in skipped])
+    return kept

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +150,9 @@ def train_adapter(model, examples: Sequence[Example], recipe: LoraRecipe, pad_id
         if init_from is not None:
             wrapped = PeftModel.from_pretrained(model, Path(init_from), is_trainable=True)
         else:
-            wrapped = get_peft_model(model, recipe.peft_config())
+            with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                wrapped = get_peft_model(model, recipe.peft_config())
         params = [p for p in wrapped.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
         lengths = [len(e.ids) for e in examples]

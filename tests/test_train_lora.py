@@ -176,3 +176,17 @@ def test_length_grouped_batches_cover_every_example_once_and_are_seeded():
     assert all(1 <= len(b) <= 4 for b in batches)
     assert batches == length_grouped_batches(lengths, 4, random.Random(3))
     assert batches != length_grouped_batches(lengths, 4, random.Random(4))
+
+
+def test_a_training_answer_equal_to_a_test_gold_is_skipped_not_learned(run, tmp_path, caplog):
+    config, run_dir = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir / "ranked", copy / "ranked")
+    test_sample = read_jsonl(copy / "ranked" / "seen_test.jsonl")[0]
+    train = read_jsonl(copy / "ranked" / "train.jsonl")
+    twin = next(s for s in train if s["user_id"] == test_sample["user_id"])
+    twin["output"] = test_sample["output"]  # same text, different question
+    (copy / "ranked" / "train.jsonl").write_text("".join(json.dumps(s) + "\n" for s in train))
+    manifest = run_stage("train_lora", ["--config", str(config), "--run-dir", str(copy), "--epochs", "1"])
+    assert manifest["users"][twin["user_id"]]["n_samples"] == sum(s["user_id"] == twin["user_id"] for s in train) - 1
+    assert f"skipped 1 training sample(s) whose answer is also a test gold of their user: ['{twin['id']}']" in caplog.text
