@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from data_process.artifacts import JsonlWriter, Stage, read_json, read_jsonl, write_json
+from data_process.config import stage_dir
 from stages.common import StageConfig, finished_input, load_samples, require, task_of
 from steering.algorithms import AlgoSettings, build_algorithm
 from steering.lora import LoraRecipe, encode_example, mean_loss, save_adapter, train_adapter
@@ -71,7 +72,7 @@ class TrainLoraConfig(StageConfig):
 
 def adapter_dir(cfg: Any) -> Path:
     """Where the per-user adapters live: ``--out-dir`` or {run_dir}/lora."""
-    return Path(cfg.out_dir) if cfg.out_dir else Path(cfg.run_dir) / "lora"
+    return Path(cfg.out_dir) if cfg.out_dir else stage_dir(cfg.run_dir, "lora")
 
 
 def run(cfg: TrainLoraConfig) -> dict[str, Any]:

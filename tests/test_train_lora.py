@@ -190,3 +190,16 @@ def test_a_training_answer_equal_to_a_test_gold_is_skipped_not_learned(run, tmp_
     manifest = run_stage("train_lora", ["--config", str(config), "--run-dir", str(copy), "--epochs", "1"])
     assert manifest["users"][twin["user_id"]]["n_samples"] == sum(s["user_id"] == twin["user_id"] for s in train) - 1
     assert f"skipped 1 training sample(s) whose answer is also a test gold of their user: ['{twin['id']}']" in caplog.text
+
+
+def test_base_trains_a_shared_adapter_on_remain_train_that_every_user_starts_from(run, tmp_path):
+    config, run_dir = run
+    argv = ["--config", str(config), *FAST, "--epochs", "1"]
+    manifest = run_stage("train_lora", [*argv, "--out-dir", str(tmp_path / "lora"), "--base", "true",
+                                        "--base-limit", "6"])
+    run_stage("train_lora", [*argv, "--out-dir", str(tmp_path / "scratch")])
+    assert manifest["base"]["n_samples"] == 6 and manifest["base_adapter"] == str(tmp_path / "lora_base")
+    assert (tmp_path / "lora_base" / WEIGHTS).exists()
+    for user in users(run_dir):
+        from_base, scratch = adapter(tmp_path / "lora" / user), adapter(tmp_path / "scratch" / user)
+        assert not all(torch.equal(from_base[k], scratch[k]) for k in scratch), user
