@@ -87,10 +87,10 @@ def _plugin_dir(cfg: GenerateConfig) -> Path | None:
     if not cfg.plugin and not ALGORITHMS[cfg.algo].adapters:
         return None
     plugin = Path(cfg.plugin) if cfg.plugin else stage_dir(cfg.run_dir, "lora")
-    if not plugin.is_dir():
-        raise FileNotFoundError(f"{plugin}: no per-user adapters for --algo {cfg.algo} "
-                                "(run scripts.train_lora first, or pass --plugin DIR)")
     manifest = plugin / "manifest.json"
+    if not plugin.is_dir() or not (cfg.plugin or manifest.exists()):
+        raise FileNotFoundError(f"{manifest} does not exist: no finished per-user adapters for --algo {cfg.algo} "
+                                "(run scripts.train_lora first, or pass --plugin DIR)")
     trained = read_json(manifest).get("prompt") if manifest.exists() else None
     used = {"algo": "rag", "history_k": cfg.history_k, "max_prompt_tokens": cfg.max_prompt_tokens}
     if trained and ALGORITHMS[cfg.algo].adapters and trained != used:

@@ -117,6 +117,10 @@ def test_oppu_without_trained_adapters_says_which_script_to_run(run, tmp_path):
     shutil.copytree(run_dir / "ranked", empty / "ranked")
     with pytest.raises(FileNotFoundError, match="run scripts.train_lora first"):
         generate(config, "--algo", "oppu", "--run-dir", str(empty))
+    shutil.copytree(run_dir / "lora", empty / "lora")
+    (empty / "lora" / "manifest.json").unlink()  # a killed train_lora: some adapters, no manifest
+    with pytest.raises(FileNotFoundError, match=r"lora/manifest.json does not exist.*run scripts.train_lora first"):
+        generate(config, "--algo", "oppu", "--run-dir", str(empty))
 
 
 def test_a_killed_run_resumes_with_the_next_user_and_matches_a_fresh_run(run, tmp_path, monkeypatch):
