@@ -82,7 +82,7 @@ def collate(examples: Sequence[Example], pad_id: int, device) -> dict[str, torch
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def _batch_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over the batch's answer tokens, and how many there are.
 
     Only the positions that predict an answer token go through the LM head
@@ -125,7 +125,7 @@ def mean_loss(model, examples: Sequence[Example], pad_id: int, batch_size: int =
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))  # little padding
     for start in range(0, len(order), batch_size):
-        loss, n = _batch_loss(model, collate([examples[i] for i in order[start:start + batch_size]], pad_id, device))
+        loss, n = answer_loss(model, collate([examples[i] for i in order[start:start + batch_size]], pad_id, device))
         total, count = total + loss.item(), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -165,7 +165,7 @@ def train_adapter(model, examples: Sequence[Example], recipe: LoraRecipe, pad_id
             total, count = 0.0, 0
             for rows in length_grouped_batches(lengths, recipe.batch_size, rng):
                 batch = collate([examples[i] for i in rows], pad_id, device)
-                loss_sum, n = _batch_loss(wrapped, batch)
+                loss_sum, n = answer_loss(wrapped, batch)
                 optimizer.zero_grad(set_to_none=True)
                 (loss_sum / max(n, 1)).backward()
                 optimizer.step()
