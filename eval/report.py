@@ -109,6 +109,25 @@ def format_comparison(name_a: str, name_b: str, result: dict[str, dict[str, floa
     return "\n".join(lines)
 
 
+def interval_table(baseline: str, comparisons: dict[str, dict[str, dict[str, float]]],
+                   metrics: Sequence[str] = TEXT_METRICS) -> str:
+    """A Markdown table of each run minus ``baseline``: ``diff [low, high]`` per metric.
+
+    ``comparisons`` maps a run name to its :func:`compare_scores` result against the
+    baseline; an interval that excludes 0 is marked ``*``.
+    """
+    header = ["run", *[f"{METRIC_NAMES.get(m, m)} − {baseline}" for m in metrics]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for name, result in comparisons.items():
+        cells = [name]
+        for m in metrics:
+            r = result.get(m)
+            mark = "" if r is None or r["low"] <= 0 <= r["high"] else " *"
+            cells.append("n/a" if r is None else f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]{mark}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def results_table(rows: dict[str, dict[str, float]], metrics: Sequence[str] = TEXT_METRICS,
                   extra: dict[str, dict[str, str]] | None = None) -> str:
     """A Markdown table: one row per run name, one column per metric (plus ``extra``)."""

@@ -2,15 +2,18 @@
 # Run the whole pipeline, 01 -> 06, for one task config and every algorithm:
 #   bash scripts/run.sh configs/lamp4.json
 # A stage whose manifest exists skips itself, so a rerun only does what is missing.
-# ALGOS="rag fints" and SPLITS="seen_test unseen_test" choose what stages 05-06 run;
+# ALGOS="rag fints" and SPLITS="seen_test unseen_test" choose what stages 05-06 run.
+# ALGOS="zeroshot rag steer fints oppu oppu+fints" adds the per-user LoRA rows: train_lora
+# trains every seen user's adapter first, unless PLUGIN=DIR names adapters DIR/<user_id>/.
 # FLAGS="--model models/gemma-3-270m --run-dir runs/demo-gemma" is passed to every stage.
-# Prints the results table and the seconds each stage took.
+# Prints the results table, intervals against rag and the seconds each stage took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: bash scripts/run.sh configs/<task>.json}
 PY=${PYTHON:-.venv/bin/python}
 ALGOS=${ALGOS:-zeroshot rag steer fints}
 SPLITS=${SPLITS:-seen_test}
+PLUGIN=${PLUGIN:-}
 read -r -a EXTRA <<< "${FLAGS:-}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 TIMES=$(mktemp)
@@ -37,9 +40,17 @@ for module in $SETUP; do
 done
 stage "03 collect pairs" 03_collect_pairs
 stage "04 extract vectors" 04_extract_vectors
+# shellcheck disable=SC2086
+ADAPTED=$("$PY" -c 'import sys; from steering.algorithms import ALGORITHMS
+print(" ".join(a for a in sys.argv[1:] if a in ALGORITHMS and ALGORITHMS[a].adapters))' $ALGOS)
+if [[ -n "$ADAPTED" && -z "$PLUGIN" ]]; then
+  stage "train lora" train_lora
+fi
 for split in $SPLITS; do
   for algo in $ALGOS; do
-    stage "05 generate $algo ($split)" 05_generate --algo "$algo" --split "$split"
+    flags=()
+    if [[ " $ADAPTED " == *" $algo "* && -n "$PLUGIN" ]]; then flags=(--plugin "$PLUGIN"); fi
+    stage "05 generate $algo ($split)" 05_generate --algo "$algo" --split "$split" "${flags[@]}"
   done
   # shellcheck disable=SC2086
   stage "06 evaluate ($split)" 06_evaluate --split "$split" --algos $ALGOS

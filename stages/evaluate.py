@@ -1,9 +1,9 @@
 """Stage 06: score generation runs with the task's metrics; compare two runs.
 
 Writes {run_dir}/generations/{split}/{algo}{tag}/eval/scores.json (overall, per user, per
-sample) and a manifest, then logs a results table (also written as results{tag}.md and a
-bar chart).  ``--compare RUN_A RUN_B`` gives the paired bootstrap 95% interval of B - A
-per metric.
+sample) and a manifest, then logs a results table and every run's paired bootstrap 95%
+interval against ``--baseline`` (rag), both also written to results{tag}.md, and a bar
+chart.  ``--compare RUN_A RUN_B`` gives the paired bootstrap 95% interval of B - A per metric.
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ class EvaluateConfig(StageConfig):
     STAGE = "06_evaluate"
     SECTIONS = ("evaluate",)
 
-    algos: list[str] = field(default_factory=lambda: ["zeroshot", "rag", "steer", "fints"],
+    algos: list[str] = field(default_factory=lambda: ["zeroshot", "rag", "steer", "fints", "oppu", "oppu+fints"],
                              metadata={"help": "runs {algo}{tag} of --split to score (missing runs are skipped)"})
     split: str = field(default="seen_test", metadata={"help": "test split the runs generated"})
     tag: str = field(default="", metadata={"help": "suffix of the run directories"})
     gen_dirs: list[str] = field(default_factory=list, metadata={"help": "explicit run directories (override --algos)"})
     compare: list[str] = field(default_factory=list, metadata={"help": "RUN_A RUN_B: paired bootstrap of B - A"})
     n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples"})
+    baseline: str = field(default="rag", metadata={"help": "algorithm the other runs get paired bootstrap "
+                                                           "intervals against ('' for none)"})
     plot: bool = field(default=True, metadata={"help": "write a bar chart of the table (PNG)"})
 
 
@@ -86,6 +88,19 @@ def compare(cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
     return result
 
 
+def _intervals(cfg: EvaluateConfig, scores: dict[str, dict], metrics) -> str:
+    """Every run's paired bootstrap interval against the baseline run ('' without one)."""
+    base = f"{cfg.baseline}{cfg.tag}"
+    if not cfg.baseline or base not in scores or len(scores) < 2:
+        return ""
+    comparisons = {name: report.compare_scores(scores[base], s, n_boot=cfg.n_boot, seed=cfg.seed)
+                   for name, s in scores.items() if name != base}
+    first = next(iter(comparisons.values()))
+    shown = [m for m in metrics if m in first]  # per-sample metrics only (not per-type breakdowns)
+    return (f"Paired bootstrap 95% intervals against {base} ({next(iter(first.values()))['n']} samples, "
+            f"{cfg.n_boot} resamples; * = the interval excludes 0):\n" + report.interval_table(base, comparisons, shown))
+
+
 def run(cfg: EvaluateConfig) -> dict[str, dict]:
     """Score every finished run of the split (or compare two); return the scores by run name."""
     task = task_of(cfg)
@@ -102,8 +117,12 @@ def run(cfg: EvaluateConfig) -> dict[str, dict]:
     n = {name: {"n": str(s["n"]), "users": str(s["n_users"])} for name, s in scores.items()}
     table = report.results_table(rows, metrics=task.metrics, extra=n)
     log.info("\nResults on %s (%s):\n%s\n", cfg.split, task.name, table)
+    intervals = _intervals(cfg, scores, task.metrics)
+    if intervals:
+        log.info("\n%s\n", intervals)
     out = stage_dir(cfg.run_dir, "generations") / cfg.split
-    (out / f"results{cfg.tag}.md").write_text(table + "\n", encoding="utf-8")
+    (out / f"results{cfg.tag}.md").write_text(table + "\n" + (f"\n{intervals}\n" if intervals else ""),
+                                              encoding="utf-8")
     if cfg.plot:
         report.plot_runs(rows, out / f"results{cfg.tag}.png", metrics=task.metrics)
     return scores

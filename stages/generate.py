@@ -1,8 +1,9 @@
 """Stage 05: generate answers for a test split with one algorithm.
 
 Writes {run_dir}/generations/{split}/{algo}{tag}/generations.jsonl (resumable) and a
-manifest; ``--eval`` scores it right away (stage 06).  ``--plugin DIR`` steers on top of
-per-user LoRA adapters DIR/<user_id>/.
+manifest; ``--eval`` scores it right away (stage 06).  ``--algo oppu`` / ``oppu+fints``
+run under per-user LoRA adapters ({run_dir}/lora/<user_id>/ from scripts/train_lora, or
+``--plugin DIR``); ``--plugin DIR`` with any other algorithm steers on top of DIR's adapters.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_process.artifacts import JsonlWriter, Stage
+from data_process.artifacts import JsonlWriter, Stage, read_json
 from data_process.config import stage_dir
 from stages.common import StageConfig, load_samples, require, task_of
 from stages.evaluate import evaluate_run
@@ -59,7 +60,8 @@ class GenerateConfig(StageConfig):
     sampling_temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with --do-sample)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (with --do-sample)"})
     limit: int = field(default=0, metadata={"help": "only the first N samples of the split (0: all)"})
-    plugin: str = field(default="", metadata={"help": "directory of per-user PEFT LoRA adapters <dir>/<user_id>/"})
+    plugin: str = field(default="", metadata={"help": "directory of per-user PEFT LoRA adapters <dir>/<user_id>/ "
+                                                      "(oppu, oppu+fints: default {run_dir}/lora)"})
     eval: bool = field(default=False, metadata={"help": "run stage 06 on the result"})
 
 
@@ -78,6 +80,23 @@ def _settings(cfg: GenerateConfig, task, model, tok) -> AlgoSettings:
         vectors_dir=stage_dir(cfg.run_dir, "vectors"), vec_strategy=cfg.vec_strategy, top_k=cfg.top_pairs,
         weighting=cfg.pair_weighting, temperature=cfg.softmax_temperature, retriever=cfg.retriever,
         model=model, hidden_size=model.config.hidden_size)
+
+
+def _plugin_dir(cfg: GenerateConfig) -> Path | None:
+    """The adapter directory this run uses (None: no adapters), checked against how it was trained."""
+    if not cfg.plugin and not ALGORITHMS[cfg.algo].adapters:
+        return None
+    plugin = Path(cfg.plugin) if cfg.plugin else stage_dir(cfg.run_dir, "lora")
+    manifest = plugin / "manifest.json"
+    if not plugin.is_dir() or not (cfg.plugin or manifest.exists()):
+        raise FileNotFoundError(f"{manifest} does not exist: no finished per-user adapters for --algo {cfg.algo} "
+                                "(run scripts.train_lora first, or pass --plugin DIR)")
+    trained = read_json(manifest).get("prompt") if manifest.exists() else None
+    used = {"algo": "rag", "history_k": cfg.history_k, "max_prompt_tokens": cfg.max_prompt_tokens}
+    if trained and ALGORITHMS[cfg.algo].adapters and trained != used:
+        log.warning("[05_generate] the adapters in %s were trained on prompts %s, this run writes %s: "
+                    "pass the same --history-k / --max-prompt-tokens to both stages", plugin, trained, used)
+    return plugin
 
 
 def run(cfg: GenerateConfig, model=None, tok=None) -> Path:
@@ -100,7 +119,8 @@ def run(cfg: GenerateConfig, model=None, tok=None) -> Path:
         gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
                           temperature=cfg.sampling_temperature, top_p=cfg.top_p, seed=cfg.seed,
                           positions=cfg.positions)
-        adapters = UserAdapters(model, cfg.plugin, [s["user_id"] for s in samples]) if cfg.plugin else None
+        plugin = _plugin_dir(cfg)
+        adapters = UserAdapters(model, plugin, [s["user_id"] for s in samples]) if plugin else None
         try:
             with JsonlWriter(out / "generations.jsonl") as writer:
                 summary = generate_records(model, tok, algo, samples, writer, task=task, algo_name=cfg.algo,
@@ -114,6 +134,9 @@ def run(cfg: GenerateConfig, model=None, tok=None) -> Path:
                         len(summary["users_without_vectors"]), summary["users_without_vectors"])
         if adapters is not None:
             summary["users_without_adapter"] = adapters.missing
+            if adapters.missing:
+                log.warning("[05_generate] %d user(s) have no adapter in %s; their rows ran on the base model: %s",
+                            len(adapters.missing), plugin, adapters.missing)
         log.info("[05_generate] %s on %s: %d generated, %d resumed -> %s", cfg.algo, cfg.split,
                  summary["n_generated"], summary["n_resumed"], out / "generations.jsonl")
         stage.finish(inputs=[source], outputs=[out / "generations.jsonl"], model=model_name(model), seed=cfg.seed,

@@ -1,4 +1,4 @@
-"""The four generation algorithms compared by Fints, as small strategies chosen by name.
+"""The generation algorithms compared by Fints, as small strategies chosen by name.
 
 Each algorithm turns a batch of test samples into user messages and, when it steers,
 one steering row per sample (``{"attn.L": Tensor[n, hidden], ...}``, already scaled):
@@ -6,9 +6,11 @@ one steering row per sample (``{"attn.L": Tensor[n, hidden], ...}``, already sca
 * ``zeroshot`` — the task prompt alone;
 * ``rag``      — the prompt with the sample's top-k ranked history items (stage 02 order);
 * ``steer``    — the RAG prompt + the user's global vector (``mean | pca | logistic``);
-* ``fints``    — the RAG prompt + a per-query vector aggregated from the user's top-K pairs.
+* ``fints``    — the RAG prompt + a per-query vector aggregated from the user's top-K pairs;
+* ``oppu``     — the RAG prompt under the user's own LoRA adapter (OPPU, scripts/train_lora);
+* ``oppu+fints`` — fints under the user's adapter: Fints as a plug-in on a LoRA model.
 
-All four share the prompt builder, decoding, dtype and batching, so the only thing that
+All share the prompt builder, decoding, dtype and batching, so the only thing that
 differs between them is what the algorithm adds.  A user without vectors (an unseen user)
 gets a zero row, i.e. exactly RAG, and is listed in :attr:`Prepared.missing_users`.
 """
@@ -107,6 +109,7 @@ class ZeroShot:
     """The task prompt alone."""
 
     steers = False
+    adapters = False  # True: runs under each user's LoRA adapter (05 loads them)
 
     def __init__(self, settings: AlgoSettings):
         self.settings = settings
@@ -191,8 +194,20 @@ class Fints(Rag):
         return prepared
 
 
+class Oppu(Rag):
+    """RAG prompt; the stage runs it under the user's LoRA adapter (OPPU's setting)."""
+
+    adapters = True
+
+
+class OppuFints(Fints):
+    """Fints under the user's LoRA adapter: steering on top of the parametric personalization."""
+
+    adapters = True
+
+
 ALGORITHMS: dict[str, Callable[[AlgoSettings], ZeroShot]] = {
-    "zeroshot": ZeroShot, "rag": Rag, "steer": GlobalSteer, "fints": Fints}
+    "zeroshot": ZeroShot, "rag": Rag, "steer": GlobalSteer, "fints": Fints, "oppu": Oppu, "oppu+fints": OppuFints}
 
 
 def build_algorithm(name: str, settings: AlgoSettings) -> ZeroShot:

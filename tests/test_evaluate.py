@@ -156,3 +156,17 @@ def test_without_wordnet_meteor_is_left_out_and_the_reason_recorded(monkeypatch)
     scores = report.score_records(_records({"s1": ("u", "the cat sat", "the cat sat")}))
     assert scores["metrics"] == ["rouge1", "rougeL"] and "meteor" not in scores["overall"]
     assert "WordNet" in scores["meteor_unavailable"]
+
+
+def test_the_run_report_gives_every_run_a_bootstrap_interval_against_rag(tmp_path, caplog):
+    golds = {f"s{i}": ("u", "the cat sat") for i in range(6)}
+    _finished_run(tmp_path, "rag", {i: (u, "nothing", g) for i, (u, g) in golds.items()})
+    _finished_run(tmp_path, "oppu", {i: (u, g, g) for i, (u, g) in golds.items()})  # right every time
+    _finished_run(tmp_path, "oppu+fints", {i: (u, "nothing" if i < "s3" else g, g) for i, (u, g) in golds.items()})
+    run_stage("evaluate", ["--task", "lamp4", "--run-dir", str(tmp_path), "--n-boot", "200"])
+    report_md = (tmp_path / "generations" / "seen_test" / "results.md").read_text()
+    assert "Paired bootstrap 95% intervals against rag (6 samples, 200 resamples" in report_md
+    assert "| oppu | +1.0000 [+1.0000, +1.0000] * |" in report_md
+    row = next(line for line in report_md.splitlines() if line.startswith("| oppu+fints | +0.5000 ["))
+    assert row.count("[") == 3 and "| rag |" not in report_md.split("intervals")[1]
+    assert "| oppu | +1.0000 [+1.0000, +1.0000] * |" in caplog.text

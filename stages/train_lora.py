@@ -1,0 +1,204 @@
+"""Train one LoRA adapter per seen user on that user's training samples (the OPPU baseline).
+
+Reads {run_dir}/ranked/train.jsonl (stage 02) and writes {run_dir}/lora/<user_id>/ (PEFT
+format, safetensors), the directory ``05_generate --algo oppu`` / ``oppu+fints`` (or
+``--plugin``) loads.  The prompt of an example is the one generation writes (``--prompt
+rag``: the task's top ``--history-k`` ranked items, or ``zeroshot``), the loss covers the
+answer only; OPPU's recipe is the default.  ``--base`` first trains one shared adapter on
+``remain_train`` (the other users) and starts every user from it, as OPPU does.
+
+Resumable: each finished user is a line of progress.jsonl written after its adapter, so a
+killed run continues with the next unfinished user (a half-trained user starts over).
+Seeded per user.  The manifest lists every user's losses and seconds.  Only the ``train``
+split is read; a training sample that is, or shows in its history, a test sample or a
+user's test gold is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from data_process.artifacts import JsonlWriter, Stage, read_json, read_jsonl, write_json
+from data_process.config import stage_dir
+from stages.common import StageConfig, finished_input, load_samples, require, task_of
+from steering.algorithms import AlgoSettings, build_algorithm
+from steering.lora import LoraRecipe, encode_example, mean_loss, save_adapter, train_adapter
+from steering.model import load_model, model_name
+from tasks.base import DEFAULT_MAX_PROMPT_TOKENS
+
+log = logging.getLogger(__name__)
+
+PROMPTS = ["rag", "zeroshot"]  # the generation algorithms whose prompt an adapter can learn
+PROGRESS = "progress.jsonl"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*")
+
+
+@dataclass
+class TrainLoraConfig(StageConfig):
+    """Settings of per-user LoRA training (config section ``train_lora``)."""
+
+    STAGE = "train_lora"
+    SECTIONS = ("train_lora",)
+
+    out_dir: str = field(default="", metadata={"help": "adapter directory (default {run_dir}/lora)"})
+    prompt: str = field(default="rag", metadata={"help": "prompt of the examples: the one this generation "
+                                                         "algorithm writes", "choices": PROMPTS})
+    history_k: int | None = field(default=None, metadata={"help": "history items in the prompt (default: the "
+                                                                   "task's; keep it equal to 05's)"})
+    max_prompt_tokens: int = field(default=DEFAULT_MAX_PROMPT_TOKENS, metadata={"help": "prompt budget in tokens"})
+    max_answer_tokens: int = field(default=128, metadata={"help": "answer tokens trained on (longer answers are cut)"})
+    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA scaling alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"],
+                                      metadata={"help": "module names that get adapters"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant, no weight decay)"})
+    epochs: int = field(default=2, metadata={"help": "passes over each user's samples"})
+    batch_size: int = field(default=4, metadata={"help": "examples per optimisation step"})
+    base: bool = field(default=False, metadata={"help": "first train a shared adapter on remain_train and start "
+                                                        "every user from it (OPPU's first step)"})
+    base_limit: int = field(default=0, metadata={"help": "--base: only the first N remain_train samples (0: all)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+
+
+def adapter_dir(cfg: Any) -> Path:
+    """Where the per-user adapters live: ``--out-dir`` or {run_dir}/lora."""
+    return Path(cfg.out_dir) if cfg.out_dir else stage_dir(cfg.run_dir, "lora")
+
+
+def run(cfg: TrainLoraConfig) -> dict[str, Any]:
+    """Train (or resume) every seen user's adapter; return the manifest ({} when already finished)."""
+    task = task_of(cfg)
+    require(cfg, "history_k")
+    out = adapter_dir(cfg)
+    stage = Stage(cfg.STAGE, out, cfg, overwrite=cfg.overwrite)
+    if stage.done:
+        return {}
+    ranked = finished_input(cfg.run_dir, "ranked", "02_rank_history")
+    source = ranked / "train.jsonl"
+    samples = _without_test_leaks(load_samples(source), source, ranked)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
+    pad_id = tok.pad_token_id
+    recipe = LoraRecipe(r=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                        target_modules=cfg.target_modules, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size)
+    encode = _encoder(cfg, task, tok)
+    base = _train_base(cfg, model, recipe, encode, pad_id, ranked) if cfg.base else None
+    by_user: dict[str, list[dict]] = {}
+    for s in samples:
+        by_user.setdefault(_checked_name(s["user_id"], source), []).append(s)
+    with JsonlWriter(out / PROGRESS) as writer:
+        done = {r["user_id"] for r in writer.existing if (out / r["user_id"] / "adapter_config.json").exists()}
+        log.info("[train_lora] %d users, %d samples (%d users already trained) -> %s",
+                 len(by_user), len(samples), len(done), out)
+        for user in tqdm([u for u in by_user if u not in done], desc="train_lora", unit="user"):
+            start = time.perf_counter()
+            examples = encode(by_user[user])
+            before = mean_loss(model, examples, pad_id)
+            wrapped, epochs = train_adapter(model, examples, recipe, pad_id, seed=_user_seed(cfg.seed, user),
+                                            init_from=base, desc=user)
+            after = mean_loss(wrapped, examples, pad_id)
+            model = save_adapter(wrapped, out / user)
+            writer.write({"user_id": user, "n_samples": len(examples), "loss_before": round(before, 4),
+                          "loss_after": round(after, 4), "epoch_losses": [round(x, 4) for x in epochs],
+                          "seconds": round(time.perf_counter() - start, 2)})
+    rows = {r["user_id"]: r for r in read_jsonl(out / PROGRESS)}  # a retrained user's last line wins
+    return _finish(stage, cfg, model, source, out, rows, base)
+
+
+def _encoder(cfg: TrainLoraConfig, task, tok):
+    """samples -> training examples whose prompts are the ones generation writes."""
+    algo = build_algorithm(cfg.prompt, AlgoSettings(task=task, tokenizer=tok, history_k=cfg.history_k,
+                                                    max_prompt_tokens=cfg.max_prompt_tokens))
+
+    def encode(samples: list[dict]):
+        messages = algo(samples).messages
+        return [encode_example(tok, m, s["output"], cfg.max_answer_tokens) for m, s in zip(messages, samples)]
+
+    return encode
+
+
+def _train_base(cfg: TrainLoraConfig, model, recipe: LoraRecipe, encode, pad_id: int, ranked: Path) -> Path:
+    """The shared adapter trained on remain_train (reused when a previous run saved it)."""
+    base_dir = adapter_dir(cfg).with_name(adapter_dir(cfg).name + "_base")
+    if (base_dir / "adapter_config.json").exists():
+        log.info("[train_lora] reusing the shared base adapter %s", base_dir)
+        return base_dir
+    samples = load_samples(ranked / "remain_train.jsonl")
+    samples = samples[: cfg.base_limit] if cfg.base_limit > 0 else samples
+    start = time.perf_counter()
+    wrapped, epochs = train_adapter(model, encode(samples), recipe, pad_id, seed=cfg.seed, desc="base")
+    save_adapter(wrapped, base_dir)
+    write_json(base_dir / "losses.json", {"n_samples": len(samples), "epoch_losses": epochs,
+                                          "seconds": round(time.perf_counter() - start, 2)})
+    log.info("[train_lora] base adapter on %d remain_train samples: loss per epoch %s", len(samples),
+             [round(x, 4) for x in epochs])
+    return base_dir
+
+
+def _finish(stage: Stage, cfg: TrainLoraConfig, model, source: Path, out: Path, rows: dict, base) -> dict:
+    seconds = sorted(r["seconds"] for r in rows.values())
+    if seconds:
+        log.info("[train_lora] %d adapters; seconds per user: median %.1f, max %.1f, total %.1f; mean loss on the "
+                 "training samples %.4f -> %.4f", len(rows), seconds[len(seconds) // 2], seconds[-1], sum(seconds),
+                 sum(r["loss_before"] for r in rows.values()) / len(rows),
+                 sum(r["loss_after"] for r in rows.values()) / len(rows))
+    return stage.finish(inputs=[source], outputs=[out / PROGRESS], model=model_name(model), seed=cfg.seed,
+                        prompt={"algo": cfg.prompt, "history_k": cfg.history_k,
+                                "max_prompt_tokens": cfg.max_prompt_tokens},
+                        base_adapter=str(base) if base else None,
+                        base=read_json(base / "losses.json") if base else None, users=rows)
+
+
+def _user_seed(seed: int, user: str) -> int:
+    """A user's own seed: the same whichever users ran before (a resumed run matches a fresh one)."""
+    return seed + zlib.crc32(user.encode("utf-8"))
+
+
+def _checked_name(user: str, source: Path) -> str:
+    if not _SAFE_NAME.fullmatch(user):
+        raise ValueError(f"{source}: user_id {user!r} cannot name an adapter directory "
+                         "(letters, digits and . _ @ + - only)")
+    return user
+
+
+def _without_test_leaks(samples: list[dict], source: Path, ranked: Path) -> list[dict]:
+    """``samples`` less those whose answer is one of the user's test golds (a warning).
+
+    A training sample that is a test sample, or whose history holds one or a test gold,
+    means a broken split: an error.  Stage 01's leakage rule already guarantees both;
+    the adapters learn the answers themselves, so a leak would go unnoticed in the
+    scores: check again.  A training question whose answer merely has the same text as
+    a test gold is legitimate data, but training on it would teach that gold: skip it.
+    """
+    test_ids: set[str] = set()
+    test_golds: dict[str, set[str]] = {}
+    for path in sorted(ranked.glob("*test*.jsonl")):
+        for s in load_samples(path):
+            test_ids.add(s["id"])
+            test_golds.setdefault(s["user_id"], set()).add(s["output"])
+    kept, skipped = [], []
+    for i, s in enumerate(samples):
+        golds = test_golds.get(s["user_id"], set())
+        where = f"{source}:{i + 1} (id {s['id']!r})"
+        if s["id"] in test_ids:
+            raise ValueError(f"{where}: field 'id' is a test sample's id; refusing to train on it")
+        (skipped if s["output"] in golds else kept).append(s)
+        for item in s["history"]:
+            if item.get("id") in test_ids or item.get("output") in golds:
+                raise ValueError(f"{where}: field 'history' holds a test sample or test gold "
+                                 f"(item {item.get('id')!r}); refusing to train on it")
+    if skipped:
+        log.warning("[train_lora] skipped %d training sample(s) whose answer is also a test gold of their user: %s",
+                    len(skipped), [s["id"] for s in skipped])
+    return kept
