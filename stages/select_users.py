@@ -1,6 +1,6 @@
 """Stage 01: load a benchmark, select users (seeded) and write the experiment splits.
 
-Writes {run_dir}/data/{train,seen_test,unseen_test,remain_train}.jsonl (plus
+Writes {run_dir}/data/{train,seen_val,seen_test,unseen_test,remain_train}.jsonl (plus
 seen_test_cluster{0,1,2}.jsonl with --clusters) and manifest.json, and logs a summary.
 Bad input stops the stage before anything is written unless --on-error skip.
 """
@@ -34,6 +34,8 @@ class SelectUsersConfig(StageConfig):
     history_rate: float = field(
         default=1.0, metadata={"help": "sparsity: keep this seeded fraction (0, 1] of each seen user's "
                                        "training samples"})
+    val_questions: int = field(default=1, metadata={
+        "help": "validation: each seen user's N latest training questions go to seen_val (not train); 0 = none"})
     clusters: bool = field(default=False, metadata={
         "help": "also write seen_test_cluster{0,1,2}.jsonl (fast-changing users: 2 = least similar)"})
     cluster_by: str = field(default="bm25", metadata={"help": "user similarity for --clusters",
@@ -70,7 +72,8 @@ def run(cfg: SelectUsersConfig) -> dict[str, Any] | None:
     splits = build_splits(bench, num_users=cfg.num_users, num_unseen=cfg.num_unseen,
                           min_history=cfg.min_history, min_train=cfg.min_train, seed=cfg.seed,
                           history_rate=cfg.history_rate, clusters=cfg.clusters,
-                          cluster_by=cfg.cluster_by, encoder=_encoder(cfg), query=task.query)
+                          cluster_by=cfg.cluster_by, encoder=_encoder(cfg), query=task.query,
+                          val_questions=cfg.val_questions)
     stage = Stage(cfg.STAGE, out_dir, cfg, overwrite=cfg.overwrite)
     outputs = [out_dir / f"{name}.jsonl" for name in splits.files]
     for stale in set(out_dir.glob("*.jsonl")) - set(outputs):
