@@ -49,7 +49,10 @@ def evaluate_run(gen_dir: str | Path, cfg: Any, *, overwrite: bool = False) -> d
     if not (gen_dir / "manifest.json").exists():
         raise FileNotFoundError(f"{gen_dir}: generation has not finished (no manifest.json); "
                                 "run scripts/05_generate first")
-    stage = Stage(EvaluateConfig.STAGE, gen_dir / "eval", asdict(cfg), overwrite=overwrite)
+    # Scores are a function of the generations and the task only: a changed generations
+    # file (the run was redone) makes them stale, and they are recomputed.
+    stage = Stage(EvaluateConfig.STAGE, gen_dir / "eval", asdict(cfg), overwrite=overwrite, inputs=[source],
+                  settings={"task": task.name}, redo_changed=True)
     out = stage.out_dir / "scores.json"
     if stage.done:
         return read_json(out)

@@ -62,11 +62,12 @@ def run(cfg: SelectUsersConfig) -> dict[str, Any] | None:
     """Write the split files; return the manifest (None when the stage had finished)."""
     task = task_of(cfg)
     out_dir = stage_dir(cfg.run_dir, "data")
-    if (out_dir / MANIFEST).exists() and not cfg.overwrite:
-        Stage(cfg.STAGE, out_dir, cfg)
-        return None
     if not Path(cfg.data_dir).is_dir():
         raise FileNotFoundError(f"data directory {cfg.data_dir!r} does not exist (set --data-dir)")
+    inputs = raw_inputs(cfg.data_dir)
+    if (out_dir / MANIFEST).exists() and not cfg.overwrite:
+        Stage(cfg.STAGE, out_dir, cfg, inputs=inputs)  # skips, or refuses other settings / changed data
+        return None
     # Everything is loaded and checked before the stage touches its directory.
     bench = task.load(Path(cfg.data_dir), include_history_samples=cfg.include_history_samples, on_error=cfg.on_error)
     splits = build_splits(bench, num_users=cfg.num_users, num_unseen=cfg.num_unseen,
@@ -74,7 +75,7 @@ def run(cfg: SelectUsersConfig) -> dict[str, Any] | None:
                           history_rate=cfg.history_rate, clusters=cfg.clusters,
                           cluster_by=cfg.cluster_by, encoder=_encoder(cfg), query=task.query,
                           val_questions=cfg.val_questions)
-    stage = Stage(cfg.STAGE, out_dir, cfg, overwrite=cfg.overwrite)
+    stage = Stage(cfg.STAGE, out_dir, cfg, overwrite=cfg.overwrite, inputs=inputs)
     outputs = [out_dir / f"{name}.jsonl" for name in splits.files]
     for stale in set(out_dir.glob("*.jsonl")) - set(outputs):
         stale.unlink()  # e.g. cluster files of an earlier, unfinished run
@@ -84,7 +85,7 @@ def run(cfg: SelectUsersConfig) -> dict[str, Any] | None:
         log.warning("[%s] skipped %d bad record(s):\n  %s", cfg.STAGE, len(bench.errors), "\n  ".join(bench.errors))
     log.info(summary(splits))
     return stage.finish(
-        inputs=raw_inputs(cfg.data_dir), outputs=outputs, seed=cfg.seed,
+        inputs=inputs, outputs=outputs, seed=cfg.seed,
         skipped_records=len(bench.errors), errors=bench.errors,
         counts={name: len(samples) for name, samples in splits.files.items()},
         seen_users=splits.seen_users, unseen_users=splits.unseen_users,
