@@ -1,7 +1,7 @@
 """Stage 06: score generation runs with the task's metrics; compare two runs.
 
 Writes {run_dir}/generations/{split}/{algo}{tag}/eval/scores.json (overall, per user, per
-sample) and a manifest, then logs a results table (also written as results{tag}.md and a
+sample), per_sample.jsonl (one line per sample: id, user_id, metrics) and a manifest, then logs a results table (also written as results{tag}.md and a
 bar chart).  ``--compare RUN_A RUN_B`` gives the paired bootstrap 95% interval of B - A
 per metric.
 """
@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_process.artifacts import Stage, read_json, read_jsonl, write_json
+from data_process.artifacts import Stage, read_json, read_jsonl, write_json, write_jsonl
 from data_process.config import stage_dir
 from eval import report
 from stages.common import StageConfig, task_of
@@ -62,7 +62,10 @@ def evaluate_run(gen_dir: str | Path, cfg: Any, *, overwrite: bool = False) -> d
     scores = {"task": task.name, **task.evaluate(records, data_dir=cfg.data_dir, run_dir=gen_dir.parents[2])}
     scores["algo"] = records[0].get("algo")
     write_json(out, scores)
-    stage.finish(inputs=[source], outputs=[out], n=len(records), meteor_unavailable=scores.get("meteor_unavailable"))
+    # One line per sample (id, user, metrics): results can be joined and re-analysed.
+    samples = stage.out_dir / "per_sample.jsonl"
+    write_jsonl(samples, scores.get("per_sample", []))
+    stage.finish(inputs=[source], outputs=[out, samples], n=len(records), meteor_unavailable=scores.get("meteor_unavailable"))
     return scores
 
 
