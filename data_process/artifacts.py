@@ -296,7 +296,7 @@ class Stage:
     def _mismatch(self) -> str:
         """Why the outputs in ``out_dir`` cannot be reused or extended ('' when they can)."""
         if self.manifest_path.exists():
-            prior, what = read_json(self.manifest_path).get("fingerprint"), "finished"
+            prior, what = read_json(self.manifest_path).get("fingerprint"), "finished run"
             if prior is None:
                 log.warning("[%s] %s was written before fingerprints existed: reused as it is", self.name,
                             self.manifest_path)

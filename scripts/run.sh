@@ -3,7 +3,8 @@
 #   bash scripts/run.sh configs/lamp4.json
 # A stage whose manifest exists skips itself, so a rerun only does what is missing.
 # ALGOS="rag fints" and SPLITS="seen_test unseen_test" choose what stages 05-06 run.
-# Prints the results table and the seconds each stage took.
+# Prints the results table and the seconds each stage took, and writes {run_dir}/report.md
+# (scripts/report.py: results with user-level bootstrap intervals vs rag, data, provenance).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: bash scripts/run.sh configs/<task>.json}
@@ -45,3 +46,5 @@ done
 
 echo "Seconds per stage (a stage that was already finished shows its skip time):"
 awk -F'\t' '{ printf "  %-32s %7.1f s\n", $1, $2; total += $2 } END { printf "  %-32s %7.1f s\n", "total", total }' "$TIMES"
+# shellcheck disable=SC2086
+"$PY" -m scripts.report --config "$CONFIG" --splits $SPLITS
