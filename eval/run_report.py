@@ -154,12 +154,15 @@ def data_section(run_dir: Path) -> list[str]:
         lines += ["", f"Pairs (stage 03): {t.get('kept', 0)} kept of {t.get('tries', 0)} tries on "
                       f"{t.get('samples', 0)} training samples; dropped: {dropped or 'none'}; users without pairs: "
                       f"{len(pairs.get('users_without_pairs') or [])}."]
-    times = [(m["stage"], m.get("seconds", 0.0), path.parent.relative_to(run_dir))
-             for path in sorted(run_dir.rglob(MANIFEST)) if (m := read_json(path)).get("stage")]
-    if times:
-        lines += ["", "| stage | output | seconds |", "|---|---|---|"]
-        lines += [f"| {stage} | {where} | {sec:.1f} |" for stage, sec, where in times]
-        lines.append(f"| total | | {sum(t[1] for t in times):.1f} |")
+    seconds: dict[str, list[float]] = defaultdict(list)  # stage -> seconds of each of its runs
+    for path in run_dir.rglob(MANIFEST):
+        manifest = read_json(path)
+        if manifest.get("stage"):
+            seconds[manifest["stage"]].append(float(manifest.get("seconds") or 0.0))
+    if seconds:
+        lines += ["", "| stage | runs | seconds |", "|---|---|---|"]
+        lines += [f"| {stage} | {len(v)} | {sum(v):.1f} |" for stage, v in sorted(seconds.items())]
+        lines.append(f"| total | {sum(len(v) for v in seconds.values())} | {sum(map(sum, seconds.values())):.1f} |")
     return lines
 
 

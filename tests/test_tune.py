@@ -69,7 +69,7 @@ def test_the_report_has_tables_intervals_settings_and_provenance(tuned):
     text = (run_dir / "tune" / "report.md").read_text()
     for needle in ("## Settings chosen on validation", "## Test: seen_test", "## Test: seen_test_cluster2",
                    "| rag |", "| fints (tuned) |", "resampling users", "comparisons", "users better than rag",
-                   "| seen_val |", "Pairs (stage 03)", "| 05_generate |", "Code: git ", "Packages: torch"):
+                   "| seen_val |", "Pairs (stage 03)", "| 05_generate | 17 |", "Code: git ", "Packages: torch"):
         assert needle in text, needle
     assert (run_dir / "tune" / "tune.png").read_bytes()[:4] == b"\x89PNG"
     assert read_json(run_dir / "tune" / "tune.json")["val_split"] == "seen_val"
