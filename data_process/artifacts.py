@@ -4,8 +4,14 @@
   finished record on disk; the reader reports a malformed line with file and line
   number and tolerates (with a warning) only a torn *final* line.
 * JSON files are written atomically (temp file + ``os.replace``).
-* ``manifest.json`` is written last; its presence means the stage finished, and a
-  finished stage is skipped unless ``--overwrite``.
+* ``manifest.json`` is written last; its presence means the stage finished.
+* A stage's **fingerprint** is everything that determines its outputs: the settings
+  (config fields minus the ones a config lists in ``NOT_IN_FINGERPRINT``), the sha256 of
+  each input file and the model's identity.  It is written to ``fingerprint.json`` when
+  the stage starts and into the manifest.  Same fingerprint: a finished stage is skipped,
+  a partial one resumes.  Different settings: the stage refuses, naming the fields.
+  Changed inputs (here or further upstream): the stage is stale and refuses to reuse or
+  extend its outputs.  ``--overwrite`` (or another run directory / tag) starts afresh.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+FINGERPRINT = "fingerprint.json"
 TRACKED_PACKAGES = ("torch", "transformers", "tokenizers", "numpy", "rank-bm25",
                     "rouge-score", "nltk", "safetensors", "peft")
 
@@ -165,27 +172,147 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-class Stage:
-    """Bookkeeping of one stage run in ``out_dir``.
+_MODEL_IDS: dict[str, dict[str, str]] = {}
 
-    ``done`` is True when a manifest exists and ``overwrite`` is off: the caller skips
-    the stage.  With ``overwrite`` the old outputs are removed first.  Otherwise the
-    stage (re)starts and resumes from whatever its JSONL files already hold.
+
+def model_identity(model_dir: str | Path) -> dict[str, str]:
+    """Name and hash of a local model: its config, weights index and safetensors headers.
+
+    The headers (tensor names, dtypes, shapes, offsets) and file sizes identify the
+    weights without reading gigabytes; a model that is not a local directory is
+    identified by its name only.
+    """
+    key = str(model_dir)
+    if key not in _MODEL_IDS:
+        path = Path(model_dir)
+        digest = hashlib.sha256()
+        files = sorted(path.glob("config.json")) + sorted(path.glob("*.index.json")) + sorted(path.glob("*.safetensors"))
+        for f in files:
+            digest.update(f.name.encode())
+            if f.suffix == ".safetensors":
+                with open(f, "rb") as fh:
+                    head = fh.read(8)
+                    digest.update(head + fh.read(int.from_bytes(head, "little")) if len(head) == 8 else head)
+                digest.update(str(f.stat().st_size).encode())
+            else:
+                digest.update(f.read_bytes())
+        _MODEL_IDS[key] = {"name": path.name, "sha256": digest.hexdigest() if files else ""}
+    return _MODEL_IDS[key]
+
+
+def fingerprint_settings(config: Any) -> dict[str, Any]:
+    """The config fields that determine a stage's outputs (JSON-normalized)."""
+    if dataclasses.is_dataclass(config):
+        skip = getattr(config, "NOT_IN_FINGERPRINT", frozenset())
+        config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
+    return json.loads(json.dumps(config, default=str, sort_keys=True))
+
+
+def fingerprint(config: Any, inputs: Iterable[str | Path] = (), model: str | Path | None = None) -> dict[str, Any]:
+    """What determines a stage's outputs: settings, input file hashes, model identity."""
+    hashes = {}
+    for p in inputs:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"{p}: input file does not exist (run the stage that writes it first)")
+        hashes[str(p)] = sha256_file(p)
+    return {"settings": fingerprint_settings(config), "inputs": hashes,
+            "model": model_identity(model) if model else None}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def setting_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'field (old -> new)' for every setting or model that differs between two fingerprints."""
+    a, b = old.get("settings", {}), new.get("settings", {})
+    changes = [f"{k} ({_short(a.get(k))} -> {_short(b.get(k))})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if (old.get("model") or {}).get("sha256") != (new.get("model") or {}).get("sha256"):
+        changes.append(f"model ({(old.get('model') or {}).get('name')} -> {(new.get('model') or {}).get('name')})")
+    return changes
+
+
+def changed_inputs(recorded: dict[str, str], _seen: set[str] | None = None) -> list[str]:
+    """Input files whose content differs from ``recorded`` (path -> sha256), here or upstream.
+
+    An input that is unchanged is followed to the manifest of the stage that wrote it:
+    if *that* stage's inputs changed since it ran, this stage is stale too (e.g. new pairs
+    make the vectors, and so the generations, stale before 04 is rerun).
+    """
+    seen = set() if _seen is None else _seen
+    changed = []
+    for path, digest in recorded.items():
+        if path in seen:
+            continue
+        seen.add(path)
+        if not Path(path).is_file() or sha256_file(path) != digest:
+            changed.append(path)
+            continue
+        upstream = Path(path).parent / MANIFEST
+        if upstream.is_file() and str(upstream) not in seen:
+            seen.add(str(upstream))
+            prior = read_json(upstream).get("fingerprint") or {}
+            changed += [f"{p} (upstream of {path})" for p in changed_inputs(prior.get("inputs", {}), seen)]
+    return changed
+
+
+class Stage:
+    """Bookkeeping of one stage run in ``out_dir``, guarded by its fingerprint.
+
+    ``done`` is True when the stage finished with the same fingerprint: the caller skips
+    it.  A partial run with the same fingerprint resumes (the caller appends to its
+    JSONL).  Different settings or model, or inputs changed since it ran (stale), raise
+    ``ValueError`` naming them -- unless ``redo_changed`` (cheap, derived stages such as
+    scoring), which starts afresh.  ``overwrite`` removes the old outputs first.
     """
 
-    def __init__(self, name: str, out_dir: str | Path, config: Any, *, overwrite: bool = False):
+    def __init__(self, name: str, out_dir: str | Path, config: Any, *, overwrite: bool = False,
+                 inputs: Iterable[str | Path] = (), model: str | Path | None = None,
+                 settings: dict[str, Any] | None = None, redo_changed: bool = False):
         self.name = name
         self.out_dir = Path(out_dir)
         self.config = config
         self.manifest_path = self.out_dir / MANIFEST
+        self.fingerprint = fingerprint(config if settings is None else settings, inputs, model)
         if overwrite and self.out_dir.exists():
             shutil.rmtree(self.out_dir)
+        problem = self._mismatch()
+        if problem and redo_changed:
+            log.info("[%s] %s: %s; redoing it", name, self.out_dir, problem)
+            shutil.rmtree(self.out_dir)
+        elif problem:
+            raise ValueError(f"[{name}] {self.out_dir} {problem}. Pass --overwrite to redo it, "
+                             "or choose another --tag / --run-dir; results of different settings are never mixed")
         self.done = self.manifest_path.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.started = dt.datetime.now(dt.timezone.utc)
         if self.done:
-            log.info("[%s] %s exists: stage already finished (pass --overwrite to redo it)",
-                     name, self.manifest_path)
+            log.info("[%s] %s: stage already finished with the same settings and inputs, skipped (pass --overwrite to redo it)",
+                     name, self.out_dir)
+        else:
+            write_json(self.out_dir / FINGERPRINT, self.fingerprint)
+
+    def _mismatch(self) -> str:
+        """Why the outputs in ``out_dir`` cannot be reused or extended ('' when they can)."""
+        if self.manifest_path.exists():
+            prior, what = read_json(self.manifest_path).get("fingerprint"), "finished run"
+            if prior is None:
+                log.warning("[%s] %s was written before fingerprints existed: reused as it is", self.name,
+                            self.manifest_path)
+                return ""
+        elif (self.out_dir / FINGERPRINT).exists():
+            prior, what = read_json(self.out_dir / FINGERPRINT), "partial run"
+        else:
+            return ""
+        changes = setting_changes(prior, self.fingerprint)
+        if changes:
+            return f"holds a {what} with other settings: {', '.join(changes)}"
+        stale = changed_inputs(prior.get("inputs", {}))
+        if stale or set(prior.get("inputs", {})) != set(self.fingerprint["inputs"]):
+            listed = stale or sorted(set(prior.get("inputs", {})) ^ set(self.fingerprint["inputs"]))
+            return f"is stale: its inputs changed since it ran: {', '.join(listed)}"
+        return ""
 
     def finish(self, *, inputs: Iterable[str | Path], outputs: Iterable[str | Path],
                model: str | None = None, seed: int | None = None, **extra: Any) -> dict[str, Any]:
@@ -199,6 +326,7 @@ class Stage:
             "outputs": [{"path": str(p), "sha256": sha256_file(p)} for p in outputs],
             "model": model,
             "seed": seed,
+            "fingerprint": self.fingerprint,
             "packages": package_versions(),
             "git": git_hash(),
             "started": self.started.isoformat(),

@@ -16,6 +16,11 @@
   mean cosine similarity of MiniLM embeddings (``dense``); averaged over the user's test
   samples -- and cut into three equal groups, ``seen_test_cluster0`` the most similar and
   ``seen_test_cluster2`` the least similar (the fast-changing users).
+* **validation** (``val_questions`` V): each seen user's V latest training *questions*
+  (time order) become ``seen_val`` and leave ``train``, and so does every training sample
+  or history item carrying one of them (same id or same gold text), so no pair, vector or
+  promoted history sample is built from a validation answer.  Test histories keep them:
+  they are in the user's past.  Settings are tuned on ``seen_val``, never on a test split.
 
 Users are sorted by id before the seeded shuffle, so the same seed picks the same users
 whatever the file order.
@@ -37,7 +42,7 @@ from data_process.ranking import Query, dense_vectors, item_text, sample_input
 from data_process.records import Benchmark
 from data_process.text import BM25
 
-SPLITS = ("train", "seen_test", "unseen_test", "remain_train")
+SPLITS = ("train", "seen_val", "seen_test", "unseen_test", "remain_train")
 
 
 @dataclass
@@ -110,6 +115,30 @@ def apply_history_rate(train: list[dict], seen_test: list[dict], rate: float,
     return kept, [thin(s) for s in seen_test], len(dropped)
 
 
+def split_validation(train: list[dict], per_user: int) -> tuple[list[dict], list[dict]]:
+    """(train without the validation answers, seen_val): each user's ``per_user`` latest questions.
+
+    ``train`` is in time order per user (stage 01's loaders sort it), so the latest
+    questions are the last ones of the user with ``source == "question"``.
+    """
+    if per_user < 0:
+        raise ValueError(f"--val-questions must be >= 0, got {per_user}")
+    questions: dict[str, list[dict]] = defaultdict(list)
+    for s in train:
+        if s.get("source", "question") == "question":
+            questions[s["user_id"]].append(s)
+    val = [s for user in questions for s in (questions[user][-per_user:] if per_user else [])]
+    val_ids = {(s["user_id"], s["id"]) for s in val}
+    val_golds = {(s["user_id"], s["output"]) for s in val}
+
+    def held_out(user: str, item: dict) -> bool:
+        return (user, item["id"]) in val_ids or (user, item["output"]) in val_golds
+
+    kept = [{**s, "history": [h for h in s["history"] if not held_out(s["user_id"], h)]}
+            for s in train if not held_out(s["user_id"], s)]
+    return kept, val
+
+
 def _bm25_similarity(sample: dict, query: str) -> float:
     docs = [item_text(h) for h in sample["history"]]
     if not docs:
@@ -150,15 +179,17 @@ def cluster_users(similarity: dict[str, float]) -> list[list[str]]:
 
 def build_splits(bench: Benchmark, *, num_users: int, num_unseen: int, min_history: int, min_train: int,
                  seed: int, history_rate: float = 1.0, clusters: bool = False, cluster_by: str = "bm25",
-                 encoder: Any = None, query: Query = sample_input) -> Splits:
+                 encoder: Any = None, query: Query = sample_input, val_questions: int = 0) -> Splits:
     """All split files of stage 01 from a loaded benchmark."""
     seen, unseen = select_users(bench, num_users=num_users, num_unseen=num_unseen,
                                 min_history=min_history, min_train=min_train, seed=seed)
     seen_set, unseen_set = set(seen), set(unseen)
     train = [s for s in bench.train if s["user_id"] in seen_set]
     seen_test = [s for s in bench.test if s["user_id"] in seen_set]
+    # Validation first: the held-out answers do not depend on the sparsity setting.
+    train, seen_val = split_validation(train, val_questions)
     train, seen_test, dropped = apply_history_rate(train, seen_test, history_rate, seed)
-    files = {"train": train, "seen_test": seen_test,
+    files = {"train": train, **({"seen_val": seen_val} if val_questions else {}), "seen_test": seen_test,
              "unseen_test": [s for s in bench.test if s["user_id"] in unseen_set],
              "remain_train": [s for s in bench.train if s["user_id"] not in seen_set]}
     out = Splits(files=files, seen_users=seen, unseen_users=unseen, dropped=dropped)

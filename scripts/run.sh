@@ -6,7 +6,9 @@
 # ALGOS="zeroshot rag steer fints oppu oppu+fints" adds the per-user LoRA rows: train_lora
 # trains every seen user's adapter first, unless PLUGIN=DIR names adapters DIR/<user_id>/.
 # FLAGS="--model models/gemma-3-270m --run-dir runs/demo-gemma" is passed to every stage.
-# Prints the results table, intervals against rag and the seconds each stage took.
+# Prints the results table, intervals against rag and the seconds each stage took, and
+# writes {run_dir}/report.md (scripts/report.py: results with user-level bootstrap
+# intervals vs rag, data, provenance).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: bash scripts/run.sh configs/<task>.json}
@@ -58,3 +60,5 @@ done
 
 echo "Seconds per stage (a stage that was already finished shows its skip time):"
 awk -F'\t' '{ printf "  %-32s %7.1f s\n", $1, $2; total += $2 } END { printf "  %-32s %7.1f s\n", "total", total }' "$TIMES"
+# shellcheck disable=SC2086
+"$PY" -m scripts.report --config "$CONFIG" --splits $SPLITS

@@ -29,6 +29,9 @@ class CollectPairsConfig(StageConfig):
 
     STAGE = "03_collect_pairs"
     SECTIONS = ("collect_pairs",)
+    # Rows of a batch are generated independently (left padding is masked), and chunks
+    # only set how often progress is saved.
+    NOT_IN_FINGERPRINT = StageConfig.NOT_IN_FINGERPRINT | {"batch_size", "samples_per_chunk", "collect_model"}
 
     collect_model: str = field(default="", metadata={"help": "model that writes the negatives (local dir); empty = --model"})
     num_neg_per_user: int = field(default=2, metadata={"help": "generation tries per training sample (each may become one pair)"})
@@ -70,13 +73,15 @@ def run(cfg: CollectPairsConfig) -> dict[str, Any] | None:
     task = task_of(cfg)
     require(cfg, "history_k", "max_new_tokens")
     collector = choose("pair collector", task.pair_collector, COLLECTORS)
-    stage = Stage(cfg.STAGE, stage_dir(cfg.run_dir, "pairs"), cfg, overwrite=cfg.overwrite)
-    if stage.done:
-        return None
     ranked = stage_dir(cfg.run_dir, "ranked")
     train_path, remain_path = ranked / "train.jsonl", ranked / "remain_train.jsonl"
     if not train_path.exists():
         raise FileNotFoundError(f"{train_path}: run scripts.02_rank_history first")
+    model_dir = cfg.collect_model or cfg.model
+    stage = Stage(cfg.STAGE, stage_dir(cfg.run_dir, "pairs"), cfg, overwrite=cfg.overwrite,
+                  inputs=[p for p in (train_path, remain_path) if p.exists()], model=model_dir)
+    if stage.done:
+        return None
     other_samples = load_samples(train_path)  # every user's samples, also past --max-samples
     samples = other_samples[:cfg.max_samples] if cfg.max_samples else other_samples
     inputs = [train_path]
@@ -85,7 +90,6 @@ def run(cfg: CollectPairsConfig) -> dict[str, Any] | None:
         inputs.append(remain_path)
     else:
         log.warning("%s missing: other users' items come from train.jsonl only", remain_path)
-    model_dir = cfg.collect_model or cfg.model
     model, tok = load_model(model_dir, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
     writer = PairWriter(stage.out_dir)
     try:

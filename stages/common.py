@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from data_process.artifacts import MANIFEST, read_jsonl
 from data_process.config import CommonConfig, stage_dir
@@ -18,7 +18,17 @@ ON_ERROR = ["stop", "skip"]
 
 @dataclass
 class StageConfig(CommonConfig):
-    """:class:`CommonConfig` with the choices that only the upper layers know."""
+    """:class:`CommonConfig` with the choices that only the upper layers know.
+
+    ``NOT_IN_FINGERPRINT`` lists the fields that do not change a stage's outputs: where
+    things are (the run directory, the config file; the model and data are fingerprinted
+    by content instead of path), how the run is shown or forced, and the device (a
+    resumed run may move between machines; ``dtype``, which changes the numbers, counts).
+    A stage config adds its own (batch sizes where outputs do not depend on them).
+    """
+
+    NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset(
+        {"run_dir", "data_dir", "model", "device", "overwrite", "config", "log_level", "debug"})
 
     task: str = field(default="lamp4", metadata={"help": "benchmark task", "choices": task_names()})
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU",

@@ -1,9 +1,10 @@
 """Stage 06: score generation runs with the task's metrics; compare two runs.
 
 Writes {run_dir}/generations/{split}/{algo}{tag}/eval/scores.json (overall, per user, per
-sample) and a manifest, then logs a results table and every run's paired bootstrap 95%
-interval against ``--baseline`` (rag), both also written to results{tag}.md, and a bar
-chart.  ``--compare RUN_A RUN_B`` gives the paired bootstrap 95% interval of B - A per metric.
+sample), per_sample.jsonl (one line per sample: id, user_id, metrics) and a manifest,
+then logs a results table and every run's paired bootstrap 95% interval against
+``--baseline`` (rag), both also written to results{tag}.md, and a bar chart.
+``--compare RUN_A RUN_B`` gives the paired bootstrap 95% interval of B - A per metric.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_process.artifacts import Stage, read_json, read_jsonl, write_json
+from data_process.artifacts import Stage, read_json, read_jsonl, write_json, write_jsonl
 from data_process.config import stage_dir
 from eval import report
 from stages.common import StageConfig, task_of
@@ -51,7 +52,10 @@ def evaluate_run(gen_dir: str | Path, cfg: Any, *, overwrite: bool = False) -> d
     if not (gen_dir / "manifest.json").exists():
         raise FileNotFoundError(f"{gen_dir}: generation has not finished (no manifest.json); "
                                 "run scripts/05_generate first")
-    stage = Stage(EvaluateConfig.STAGE, gen_dir / "eval", asdict(cfg), overwrite=overwrite)
+    # Scores are a function of the generations and the task only: a changed generations
+    # file (the run was redone) makes them stale, and they are recomputed.
+    stage = Stage(EvaluateConfig.STAGE, gen_dir / "eval", asdict(cfg), overwrite=overwrite, inputs=[source],
+                  settings={"task": task.name}, redo_changed=True)
     out = stage.out_dir / "scores.json"
     if stage.done:
         return read_json(out)
@@ -61,7 +65,10 @@ def evaluate_run(gen_dir: str | Path, cfg: Any, *, overwrite: bool = False) -> d
     scores = {"task": task.name, **task.evaluate(records, data_dir=cfg.data_dir, run_dir=gen_dir.parents[2])}
     scores["algo"] = records[0].get("algo")
     write_json(out, scores)
-    stage.finish(inputs=[source], outputs=[out], n=len(records), meteor_unavailable=scores.get("meteor_unavailable"))
+    # One line per sample (id, user, metrics): results can be joined and re-analysed.
+    samples = stage.out_dir / "per_sample.jsonl"
+    write_jsonl(samples, scores.get("per_sample", []))
+    stage.finish(inputs=[source], outputs=[out, samples], n=len(records), meteor_unavailable=scores.get("meteor_unavailable"))
     return scores
 
 

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 class ExtractConfig(StageConfig):
     STAGE = "04_extract_vectors"
     SECTIONS = ("extract_vectors",)
+    NOT_IN_FINGERPRINT = StageConfig.NOT_IN_FINGERPRINT | {"batch_size", "chunk_pairs", "pairs_file"}
 
     layers: list[int] = field(default_factory=lambda: [15], metadata={"help": "decoder layers to read"})
     sites: list[str] = field(default_factory=lambda: ["attn", "mlp", "block"],
@@ -69,10 +70,12 @@ def load_pairs(path: Path, limit: int) -> list[dict]:
 def run(cfg: ExtractConfig) -> dict[str, Any] | None:
     """Extract (or resume) the vectors; return the manifest (None when the stage had finished)."""
     out_dir = stage_dir(cfg.run_dir, "vectors")
-    stage = Stage(cfg.STAGE, out_dir, cfg, overwrite=cfg.overwrite)
+    pairs_path = Path(cfg.pairs_file or stage_dir(cfg.run_dir, "pairs") / "pairs.jsonl")
+    if not pairs_path.exists():
+        raise FileNotFoundError(f"{pairs_path}: no such file; run scripts.03_collect_pairs first")
+    stage = Stage(cfg.STAGE, out_dir, cfg, overwrite=cfg.overwrite, inputs=[pairs_path], model=cfg.model)
     if stage.done:
         return None
-    pairs_path = Path(cfg.pairs_file or stage_dir(cfg.run_dir, "pairs") / "pairs.jsonl")
     pairs = load_pairs(pairs_path, cfg.max_pairs)
     model, tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
     check_layers(find_layers(model), cfg.layers)

@@ -34,6 +34,9 @@ class GenerateConfig(StageConfig):
 
     STAGE = "05_generate"
     SECTIONS = ("generate",)
+    # The tag names the output directory; a batch's rows are independent; --eval is what
+    # happens after.
+    NOT_IN_FINGERPRINT = StageConfig.NOT_IN_FINGERPRINT | {"tag", "batch_size", "eval"}
 
     algo: str = field(default="fints", metadata={"help": "generation algorithm", "choices": list(ALGORITHMS)})
     split: str = field(default="seen_test", metadata={"help": "file name (no .jsonl) in {run_dir}/ranked/"})
@@ -107,9 +110,15 @@ def run(cfg: GenerateConfig, model=None, tok=None) -> Path:
     task = task_of(cfg)
     require(cfg, "history_k", "max_new_tokens")
     out = gen_dir(cfg)
-    stage = Stage(cfg.STAGE, out, cfg, overwrite=cfg.overwrite)
+    source = stage_dir(cfg.run_dir, "ranked") / f"{cfg.split}.jsonl"
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such split; run scripts.02_rank_history first (or check --split)")
+    vectors = [stage_dir(cfg.run_dir, "vectors") / name for name in ALGORITHMS[cfg.algo].vector_files]
+    for path in vectors:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no steering vectors for --algo {cfg.algo} (run scripts/04_extract_vectors first)")
+    stage = Stage(cfg.STAGE, out, cfg, overwrite=cfg.overwrite, inputs=[source, *vectors], model=cfg.model)
     if not stage.done:
-        source = stage_dir(cfg.run_dir, "ranked") / f"{cfg.split}.jsonl"
         samples = load_samples(source)
         samples = samples[: cfg.limit] if cfg.limit > 0 else samples
         if model is None:
@@ -139,7 +148,7 @@ def run(cfg: GenerateConfig, model=None, tok=None) -> Path:
                             len(adapters.missing), plugin, adapters.missing)
         log.info("[05_generate] %s on %s: %d generated, %d resumed -> %s", cfg.algo, cfg.split,
                  summary["n_generated"], summary["n_resumed"], out / "generations.jsonl")
-        stage.finish(inputs=[source], outputs=[out / "generations.jsonl"], model=model_name(model), seed=cfg.seed,
+        stage.finish(inputs=[source, *vectors], outputs=[out / "generations.jsonl"], model=model_name(model), seed=cfg.seed,
                      steering=settings.steer.scales if settings.steer else None, **summary)
     if cfg.eval:
         scores = evaluate_run(out, cfg)

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 class RankHistoryConfig(StageConfig):
     STAGE = "02_rank_history"
     SECTIONS = ("rank_history",)
+    NOT_IN_FINGERPRINT = StageConfig.NOT_IN_FINGERPRINT | {"batch_size"}
 
     ranker: str = field(default="bm25", metadata={"help": "history ranker", "choices": list(RANKERS)})
     batch_size: int = field(default=64, metadata={"help": "texts per batch of the dense encoder"})
@@ -40,10 +41,11 @@ def run(cfg: RankHistoryConfig) -> dict[str, Any] | None:
     task = task_of(cfg)
     in_dir = finished_input(cfg.run_dir, "data", "01_select_users")
     out_dir = stage_dir(cfg.run_dir, "ranked")
-    if (out_dir / MANIFEST).exists() and not cfg.overwrite:
-        Stage(cfg.STAGE, out_dir, cfg)
-        return None
     inputs = sorted(in_dir.glob("*.jsonl"))
+    encoder_dir = cfg.encoder if cfg.ranker == "dense" else None
+    if (out_dir / MANIFEST).exists() and not cfg.overwrite:
+        Stage(cfg.STAGE, out_dir, cfg, inputs=inputs, model=encoder_dir)  # skips, or refuses
+        return None
     errors = ErrorLog(cfg.on_error, in_dir)
     # Read and check every file before writing anything.
     files = {path.name: read_samples(path, errors) for path in inputs}
@@ -53,7 +55,7 @@ def run(cfg: RankHistoryConfig) -> dict[str, Any] | None:
         from data_process.dense import DenseEncoder
 
         encoder = DenseEncoder(cfg.encoder)
-    stage = Stage(cfg.STAGE, out_dir, cfg, overwrite=cfg.overwrite)
+    stage = Stage(cfg.STAGE, out_dir, cfg, overwrite=cfg.overwrite, inputs=inputs, model=encoder_dir)
     counts, cache = {}, {}  # cache: dense embeddings shared by all files of the run
     for name, samples in tqdm(files.items(), desc="files"):
         with JsonlWriter(out_dir / name) as writer:

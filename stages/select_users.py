@@ -1,6 +1,6 @@
 """Stage 01: load a benchmark, select users (seeded) and write the experiment splits.
 
-Writes {run_dir}/data/{train,seen_test,unseen_test,remain_train}.jsonl (plus
+Writes {run_dir}/data/{train,seen_val,seen_test,unseen_test,remain_train}.jsonl (plus
 seen_test_cluster{0,1,2}.jsonl with --clusters) and manifest.json, and logs a summary.
 Bad input stops the stage before anything is written unless --on-error skip.
 """
@@ -35,6 +35,8 @@ class SelectUsersConfig(StageConfig):
     history_rate: float = field(
         default=1.0, metadata={"help": "sparsity: keep this seeded fraction (0, 1] of each seen user's "
                                        "training samples"})
+    val_questions: int = field(default=1, metadata={
+        "help": "validation: each seen user's N latest training questions go to seen_val (not train); 0 = none"})
     clusters: bool = field(default=False, metadata={
         "help": "also write seen_test_cluster{0,1,2}.jsonl (fast-changing users: 2 = least similar)"})
     cluster_by: str = field(default="bm25", metadata={"help": "user similarity for --clusters",
@@ -80,11 +82,12 @@ def run(cfg: SelectUsersConfig) -> dict[str, Any] | None:
     """Write the split files; return the manifest (None when the stage had finished)."""
     task = task_of(cfg)
     out_dir = stage_dir(cfg.run_dir, "data")
-    if (out_dir / MANIFEST).exists() and not cfg.overwrite:
-        Stage(cfg.STAGE, out_dir, cfg)
-        return None
     if not Path(cfg.data_dir).is_dir():
         raise FileNotFoundError(f"data directory {cfg.data_dir!r} does not exist (set --data-dir)")
+    inputs = raw_inputs(cfg.data_dir)
+    if (out_dir / MANIFEST).exists() and not cfg.overwrite:
+        Stage(cfg.STAGE, out_dir, cfg, inputs=inputs)  # skips, or refuses other settings / changed data
+        return None
     # Everything is loaded and checked before the stage touches its directory.
     options = {name: getattr(cfg, name) for name in task.load_options}
     bench = task.load(Path(cfg.data_dir), include_history_samples=cfg.include_history_samples,
@@ -92,8 +95,9 @@ def run(cfg: SelectUsersConfig) -> dict[str, Any] | None:
     splits = build_splits(bench, num_users=cfg.num_users, num_unseen=cfg.num_unseen,
                           min_history=cfg.min_history, min_train=cfg.min_train, seed=cfg.seed,
                           history_rate=cfg.history_rate, clusters=cfg.clusters,
-                          cluster_by=cfg.cluster_by, encoder=_encoder(cfg), query=task.query)
-    stage = Stage(cfg.STAGE, out_dir, cfg, overwrite=cfg.overwrite)
+                          cluster_by=cfg.cluster_by, encoder=_encoder(cfg), query=task.query,
+                          val_questions=cfg.val_questions)
+    stage = Stage(cfg.STAGE, out_dir, cfg, overwrite=cfg.overwrite, inputs=inputs)
     outputs = [out_dir / f"{name}.jsonl" for name in splits.files]
     for stale in set(out_dir.glob("*.jsonl")) - set(outputs):
         stale.unlink()  # e.g. cluster files of an earlier, unfinished run
@@ -103,7 +107,7 @@ def run(cfg: SelectUsersConfig) -> dict[str, Any] | None:
         log.warning("[%s] skipped %d bad record(s):\n  %s", cfg.STAGE, len(bench.errors), "\n  ".join(bench.errors))
     log.info("%s\n%s", loading_summary(bench), summary(splits))
     return stage.finish(
-        inputs=raw_inputs(cfg.data_dir), outputs=outputs, seed=cfg.seed,
+        inputs=inputs, outputs=outputs, seed=cfg.seed,
         skipped_records=len(bench.errors), errors=bench.errors, layout=bench.layout, loading=bench.stats,
         counts={name: len(samples) for name, samples in splits.files.items()},
         seen_users=splits.seen_users, unseen_users=splits.unseen_users,

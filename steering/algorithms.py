@@ -110,6 +110,7 @@ class ZeroShot:
 
     steers = False
     adapters = False  # True: runs under each user's LoRA adapter (05 loads them)
+    vector_files: tuple[str, ...] = ()  # the stage-04 files it reads (fingerprinted inputs of stage 05)
 
     def __init__(self, settings: AlgoSettings):
         self.settings = settings
@@ -142,12 +143,13 @@ class GlobalSteer(Rag):
     """RAG prompt + the user's global steering vector (one vector per user)."""
 
     steers = True
+    vector_files = ("user_vectors.safetensors",)
 
     def __init__(self, settings: AlgoSettings):
         super().__init__(settings)
         from steering.vectors import load_user_vectors
 
-        path = _stage04_file(settings, "steer", "user_vectors.safetensors", "per-user vectors")
+        path = _stage04_file(settings, "steer", self.vector_files[0], "per-user vectors")
         self.user_vectors = load_user_vectors(path, settings.vec_strategy, settings.steer.keys,
                                               model=settings.model)
 
@@ -169,13 +171,14 @@ class Fints(Rag):
     """RAG prompt + a per-query vector aggregated from the user's most relevant pairs."""
 
     steers = True
+    vector_files = ("vectors.safetensors", "vectors.index.json")
 
     def __init__(self, settings: AlgoSettings):
         super().__init__(settings)
         from steering.aggregate import PairAggregator
         from steering.vectors import VectorStore
 
-        path = _stage04_file(settings, "fints", "vectors.safetensors", "pair vectors")
+        path = _stage04_file(settings, "fints", self.vector_files[0], "pair vectors")
         store = VectorStore.load(path, model=settings.model, keys=settings.steer.keys)
         self.aggregator = PairAggregator(store, settings.steer.keys, top_k=settings.top_k,
                                          weighting=settings.weighting,

@@ -10,7 +10,7 @@ import pytest
 
 from data_process.artifacts import read_json, read_jsonl
 from tasks import get_task
-from data_process.splits import apply_history_rate, build_splits, cluster_users, select_users
+from data_process.splits import apply_history_rate, build_splits, cluster_users, select_users, split_validation
 
 from .conftest import FIXTURES, ROOT, SHARED_DATA, run_stage
 
@@ -152,3 +152,40 @@ def test_dense_similarity_puts_users_whose_tests_resemble_their_history_first():
     sim = user_similarity(tests, "dense", encoder=Axes())
     assert sim["cats"] > sim["mixed"] > sim["dogs"]
     assert cluster_users(sim) == [["cats"], ["mixed"], ["dogs"]]
+
+
+def test_validation_holds_out_each_users_latest_question_everywhere_in_train():
+    train = [
+        {"id": "h1", "user_id": "a", "input": "i", "output": "old item", "history": [], "source": "history"},
+        {"id": "q1", "user_id": "a", "input": "i", "output": "first", "history": [], "source": "question"},
+        {"id": "q2", "user_id": "a", "input": "i", "output": "latest", "history": [], "source": "question"},
+        # A promoted copy of the held-out answer (other id, same text) and a history
+        # item carrying it must leave train too.
+        {"id": "h2", "user_id": "a", "input": "i", "output": "latest", "history": [], "source": "history"},
+        {"id": "h3", "user_id": "a", "input": "i", "output": "later", "source": "history",
+         "history": [{"id": "q2", "input": "i", "output": "latest"}, {"id": "h1", "input": "i", "output": "old item"}]},
+        {"id": "b1", "user_id": "b", "input": "i", "output": "latest", "history": [], "source": "question"},
+    ]
+    kept, val = split_validation(train, 1)
+    assert [s["id"] for s in val] == ["q2", "b1"]
+    assert [s["id"] for s in kept] == ["h1", "q1", "h3"]
+    assert [h["id"] for h in kept[2]["history"]] == ["h1"]
+    kept2, val2 = split_validation(train, 2)
+    assert [s["id"] for s in val2] == ["q1", "q2", "b1"] and "q1" not in {s["id"] for s in kept2}
+    assert split_validation(train, 0) == (train, [])
+    with pytest.raises(ValueError, match="--val-questions"):
+        split_validation(train, -1)
+
+
+@needs_shared
+def test_seen_val_on_real_data_is_disjoint_from_train_and_kept_in_test_histories(tmp_path):
+    run01(tmp_path, "lamp4", SHARED_DATA / "lamp4", "--clusters", "false")
+    data = {p.stem: read_jsonl(p) for p in (tmp_path / "data").glob("*.jsonl")}
+    val, train = data["seen_val"], data["train"]
+    assert len(val) == 24 and users(val) == users(data["seen_test"])
+    held = {(s["user_id"], s["output"]) for s in val} | {(s["user_id"], s["id"]) for s in val}
+    for s in train:
+        assert (s["user_id"], s["output"]) not in held and (s["user_id"], s["id"]) not in held
+        assert not any((s["user_id"], h["id"]) in held or (s["user_id"], h["output"]) in held for h in s["history"])
+    in_test_history = {(s["user_id"], h["id"]) for s in data["seen_test"] for h in s["history"]}
+    assert any((s["user_id"], s["id"]) in in_test_history for s in val)

@@ -1,0 +1,171 @@
+"""Tune steer and fints on the validation users' data, then test each method once.
+
+1. Stage 04 extracts every layer (and site) of the grid in its one pass.
+2. On ``--val-split`` (stage 01's ``seen_val``: each seen user's latest training
+   question, never used for pairs or vectors) every grid point runs as a stage-05 run
+   ``{algo}{tag}_val_{point}`` and is scored: steer over sites x layers x multipliers;
+   fints over the same, then top-K x softmax temperature at its best layer and
+   multiplier (a coordinate search: the full product would cost K x T times more).
+3. Each method's best point by ROUGE-L (ties: the smaller multiplier, then grid order)
+   runs once on every test split present (``--test-splits``), beside zeroshot and rag.
+4. Writes {run_dir}/tune/tune.json (every point), tune.png (validation ROUGE-L vs
+   multiplier per layer, the chosen settings' test score marked) and report.md (the
+   test tables with user-level intervals against rag).
+
+Finished points are reused; a point whose settings changed is refused by its fingerprint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from data_process.artifacts import write_json
+from data_process.config import parse_config, stage_dir
+from stages.common import task_of
+from stages.evaluate import evaluate_run
+from stages.extract_vectors import ExtractConfig
+from stages.extract_vectors import run as extract
+from stages.generate import GenerateConfig, gen_dir
+from stages.generate import run as generate
+from stages.report import split_section, write_report
+from steering.model import load_model
+
+log = logging.getLogger(__name__)
+
+SITE_SETS = {"attn+mlp": ["attn", "mlp"], "block": ["block"]}
+
+
+@dataclass
+class TuneConfig(GenerateConfig):
+    STAGE = "tune"
+    SECTIONS = ("generate", "tune")
+
+    tune_layers: list[int] = field(default_factory=lambda: [10, 15, 20], metadata={"help": "layers tried, one at a time"})
+    tune_multipliers: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0],
+                                          metadata={"help": "multipliers tried at each layer"})
+    tune_top_pairs: list[int] = field(default_factory=lambda: [5], metadata={"help": "fints: top-K pairs tried"})
+    tune_temperatures: list[float] = field(default_factory=lambda: [0.1],
+                                           metadata={"help": "fints: softmax temperatures tried"})
+    tune_sites: list[str] = field(default_factory=lambda: ["attn+mlp"],
+                                  metadata={"help": "site sets tried", "choices": list(SITE_SETS)})
+    val_split: str = field(default="seen_val", metadata={"help": "split the settings are chosen on"})
+    test_splits: list[str] = field(default_factory=lambda: ["seen_test", "seen_test_cluster2"],
+                                   metadata={"help": "splits the tuned methods are tested on (missing ones skipped)"})
+    n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples of the report"})
+
+
+def _point_tag(point: dict[str, Any]) -> str:
+    tag = f"_{point['sites']}_L{point['layer']}_m{point['multiplier']:g}"
+    return tag + (f"_k{point['top_pairs']}_t{point['temperature']:g}" if point["algo"] == "fints" else "")
+
+
+def _point_cfg(base: GenerateConfig, point: dict[str, Any], split: str, tag: str) -> GenerateConfig:
+    extra = {"top_pairs": point["top_pairs"], "softmax_temperature": point["temperature"]} if point["algo"] == "fints" else {}
+    return replace(base, algo=point["algo"], split=split, layers=[point["layer"]], sites=SITE_SETS[point["sites"]],
+                   multipliers=[point["multiplier"]], tag=f"{base.tag}{tag}", eval=False, **extra)
+
+
+def _score(cfg: GenerateConfig, model, tok) -> dict[str, Any]:
+    generate(cfg, model, tok)
+    return evaluate_run(gen_dir(cfg), cfg)
+
+
+def best(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Highest validation ROUGE-L; ties go to the smaller multiplier, then the earlier point."""
+    return max(enumerate(points), key=lambda ip: (ip[1]["val_rougeL"], -ip[1]["multiplier"], -ip[0]))[1]
+
+
+def _grid(cfg: TuneConfig, base: GenerateConfig, model, tok) -> dict[str, list[dict[str, Any]]]:
+    """Every validation point of steer and fints, scored."""
+    def run_points(points):
+        for p in points:
+            scores = _score(_point_cfg(base, p, cfg.val_split, "_val" + _point_tag(p)), model, tok)
+            p.update(val_rougeL=scores["overall"]["rougeL"], val=scores["overall"], n_val=scores["n"])
+            log.info("[tune] %s %s: validation ROUGE-L %.4f", p["algo"], _point_tag(p), p["val_rougeL"])
+        return points
+
+    k0, t0 = cfg.tune_top_pairs[0], cfg.tune_temperatures[0]
+    layer_grid = [{"sites": s, "layer": layer, "multiplier": m} for s in cfg.tune_sites
+                  for layer in cfg.tune_layers for m in cfg.tune_multipliers]
+    steer = run_points([{"algo": "steer", **p} for p in layer_grid])
+    fints = run_points([{"algo": "fints", **p, "top_pairs": k0, "temperature": t0} for p in layer_grid])
+    top = best(fints)
+    fints += run_points([{**{k: top[k] for k in ("algo", "sites", "layer", "multiplier")}, "top_pairs": k, "temperature": t}
+                         for k in cfg.tune_top_pairs for t in cfg.tune_temperatures if (k, t) != (k0, t0)])
+    return {"steer": steer, "fints": fints}
+
+
+def _extract_grid_layers(cfg: TuneConfig) -> None:
+    """Stage 04 with every layer and site the grid needs, in one pass."""
+    argv = ["--config", cfg.config] if cfg.config else []
+    ecfg = parse_config(ExtractConfig, argv)
+    # The config's own layers and sites stay, so a run.sh run over the same config agrees.
+    sites = sorted({s for name in cfg.tune_sites for s in SITE_SETS[name]} | set(ecfg.sites))
+    common = {f.name: getattr(cfg, f.name) for f in fields(ExtractConfig) if f.name in
+              ("task", "run_dir", "model", "device", "dtype", "seed", "layers_attr", "overwrite")}
+    extract(replace(ecfg, **common, layers=sorted(set(cfg.tune_layers) | set(ecfg.layers)), sites=sites))
+
+
+def run(cfg: TuneConfig) -> dict[str, Any]:
+    """Tune on the validation split, test once, write the report; return tune.json's content."""
+    task = task_of(cfg)
+    _extract_grid_layers(cfg)
+    model, tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
+    base = GenerateConfig(**{f.name: getattr(cfg, f.name) for f in fields(GenerateConfig)})
+    grid = _grid(cfg, base, model, tok)
+    chosen = {algo: best(points) for algo, points in grid.items()}
+    ranked = stage_dir(cfg.run_dir, "ranked")
+    body, tests = [], {}
+    for split in [s for s in cfg.test_splits if (ranked / f"{s}.jsonl").exists()]:
+        runs = {name: gen_dir(replace(base, algo=name, split=split)) for name in ("zeroshot", "rag")}
+        for name in runs:
+            _score(replace(base, algo=name, split=split, eval=False), model, tok)
+        for algo, point in chosen.items():
+            pcfg = _point_cfg(base, point, split, _point_tag(point))
+            tests.setdefault(split, {})[algo] = _score(pcfg, model, tok)["overall"]
+            runs[f"{algo} (tuned)"] = gen_dir(pcfg)
+        body += split_section(cfg, split, runs, unit="user", n_boot=cfg.n_boot, title=f"Test: {split}")
+    out = stage_dir(cfg.run_dir, "tune")
+    result = {"val_split": cfg.val_split, "chosen": chosen, "test": tests, "points": grid}
+    write_json(out / "tune.json", result)
+    plot_tune(grid, tests.get(cfg.test_splits[0], {}), chosen, out / "tune.png")
+    settings = [f"- **{algo}**: sites {p['sites']}, layer {p['layer']}, multiplier {p['multiplier']:g}"
+                + (f", top-K {p['top_pairs']}, temperature {p['temperature']:g}" if algo == "fints" else "")
+                + f" (validation ROUGE-L {p['val_rougeL']:.4f} on {p['n_val']} samples)" for algo, p in chosen.items()]
+    n_points = sum(len(v) for v in grid.values())
+    body = ["## Settings chosen on validation", "", f"{n_points} points on `{cfg.val_split}`; selection by ROUGE-L "
+            "(ties: the smaller multiplier). Test splits were run once, with these settings.", "",
+            *settings, "", *body]
+    write_report(out / "report.md", f"{task.summary}: tuned on {cfg.val_split}", body, cfg.run_dir)
+    return result
+
+
+def plot_tune(grid: dict[str, list[dict]], test: dict[str, dict], chosen: dict[str, dict], path: Path) -> Path:
+    """Validation ROUGE-L vs multiplier, one line per method and layer; chosen test scores as stars."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(grid), figsize=(5 * len(grid), 4), squeeze=False)
+    for ax, (algo, points) in zip(axes[0], grid.items()):
+        top = chosen[algo]
+        for key in sorted({(p["sites"], p["layer"]) for p in points}):
+            pts = sorted((p["multiplier"], p["val_rougeL"]) for p in points if (p["sites"], p["layer"]) == key
+                         and p.get("top_pairs") == top.get("top_pairs") and p.get("temperature") == top.get("temperature"))
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"val L{key[1]} {key[0]}")
+        if algo in test:
+            ax.plot([top["multiplier"]], [test[algo]["rougeL"]], marker="*", markersize=14, linestyle="",
+                    color="black", label=f"test, chosen (L{top['layer']})")
+        ax.set_xlabel("multiplier")
+        ax.set_ylabel("ROUGE-L")
+        ax.set_title(algo)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
