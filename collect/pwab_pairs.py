@@ -97,7 +97,7 @@ def collect_pwab_pairs(cfg, task: Task, samples: list[dict], other_samples: list
     if missing:
         raise ValueError(f"PersonalWAB pair collection needs settings {missing} (the pwab task's defaults fill them)")
     # The raw text is parsed by parse_tool_call, which finds the call among echoed schemas.
-    generate_fn = generate_fn or generator_for(cfg, model, tok, "pwab calls")
+    generate_fn = generate_fn or generator_for(cfg, task, model, tok, "pwab calls")
     env = env or PwabEnv(cfg.data_dir, default_cache_dir(cfg.run_dir))
     pools = other_users_pools(samples, other_samples)
     todo = [s for s in samples if s["id"] not in writer.done_ids]

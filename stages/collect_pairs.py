@@ -48,6 +48,7 @@ class CollectPairsConfig(StageConfig):
     recommend_in_list: bool | None = field(default=None, metadata={"help": "PersonalWAB: a recommendation counts as correct when the target is in the returned list"})
     review_threshold: float | None = field(default=None, metadata={"help": "PersonalWAB: a review whose similarity to the gold review is below this is a negative"})
     positive_k: int | None = field(default=None, metadata={"help": "PersonalWAB: history items in the prompt that collects positives"})
+    constrained: bool | None = field(default=None, metadata={"help": "decode only valid calls of the task's call schema (default: the task's)"})
 
 
 def _report(summary: dict) -> None:

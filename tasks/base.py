@@ -39,6 +39,12 @@ class Task:
     record_fields: ClassVar[tuple[str, ...]] = ()
     # Scripts that build the task's environment before pair collection (run by run.sh).
     setup_stages: ClassVar[tuple[str, ...]] = ()
+    # Text every answer starts with, written into the prompt after the assistant's turn
+    # marker (stages 03, 04 and 05 alike), e.g. '{"name": "' for a tool call.
+    response_prefix: ClassVar[str] = ""
+    # For constrained decoding (--constrained): function name -> (argument name, kind), kind
+    # "string" or "string_list"; None: the task's answers are free text.
+    call_schema: ClassVar[dict[str, tuple[str, str]] | None] = None
 
     def load(self, data_dir: Path, *, include_history_samples: bool = True, on_error: str = "stop") -> Benchmark:
         """The benchmark's training and test samples (history in time order, no leakage)."""

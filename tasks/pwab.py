@@ -254,11 +254,17 @@ class PersonalWab(Task):
     name = "pwab"
     summary = "PersonalWAB function calling (search, recommend, review)"
     defaults = {"include_history_samples": False, "history_k": 5, "max_new_tokens": 128, "positive_k": 5, "search_threshold": 0.65,
-                "review_threshold": 0.51, "recommend_in_list": True}
+                "review_threshold": 0.51, "recommend_in_list": True,
+                "constrained": True}
     metrics = tuple(PWAB_METRICS)
     pair_collector = "tool_calls"
     record_fields = ("type", "target", "timestamp")
     setup_stages = ("train_sasrec",)  # the recommender behind get_recommendations_by_history
+    # Small models echo the tool list instead of calling a tool; opening the assistant turn
+    # with the call's first key makes every answer a call.
+    response_prefix = '{"name": "'
+    call_schema = {name: (arg, "string_list" if schema["type"] == "array" else "string")
+                   for name, (_, arg, schema, _) in TOOLS.items()}
 
     def load(self, data_dir: Path, *, include_history_samples: bool = False, on_error: str = "stop") -> Benchmark:
         return load_pwab(data_dir, include_history_samples=include_history_samples, on_error=on_error)
