@@ -61,6 +61,8 @@ def _report(summary: dict) -> None:
     if summary["users_without_pairs"]:
         log.warning("[03_collect_pairs] %d user(s) without pairs: %s", len(summary["users_without_pairs"]),
                     ", ".join(summary["users_without_pairs"]))
+    if summary.get("parse_failures", {}).get("total"):
+        log.warning("[03_collect_pairs] unparseable answers by reason: %s", summary["parse_failures"])
     if summary.get("rouge_l", {}).get("quantiles"):
         log.info("[03_collect_pairs] ROUGE-L of distinct tries: %s; kept below other thresholds: %s",
                  summary["rouge_l"]["quantiles"], summary["rouge_l"]["kept_below"])

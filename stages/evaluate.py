@@ -33,6 +33,8 @@ class EvaluateConfig(StageConfig):
     gen_dirs: list[str] = field(default_factory=list, metadata={"help": "explicit run directories (override --algos)"})
     compare: list[str] = field(default_factory=list, metadata={"help": "RUN_A RUN_B: paired bootstrap of B - A"})
     n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples"})
+    baseline: str = field(default="rag", metadata={"help": "run the table's paired bootstrap intervals are against "
+                                                          "(skipped when it is not among the runs)"})
     plot: bool = field(default=True, metadata={"help": "write a bar chart of the table (PNG)"})
 
 
@@ -100,7 +102,18 @@ def run(cfg: EvaluateConfig) -> dict[str, dict]:
         log.warning("[06_evaluate] METEOR unavailable (WordNet not found; run scripts/setup.sh): reporting the rest")
     rows = {name: s["overall"] for name, s in scores.items()}
     n = {name: {"n": str(s["n"]), "users": str(s["n_users"])} for name, s in scores.items()}
+    for name, s in scores.items():
+        if "parse_failures" in s:  # tasks whose answers are parsed (PersonalWAB calls)
+            n[name]["unparsed"] = str(s["parse_failures"].get("total", 0))
     table = report.results_table(rows, metrics=task.metrics, extra=n)
+    baseline = f"{cfg.baseline}{cfg.tag}"
+    if baseline in scores and len(scores) > 1:
+        intervals = report.intervals_vs(scores, baseline, task.metrics, n_boot=cfg.n_boot, seed=cfg.seed)
+        table += (f"\n\nRun minus {baseline}, paired bootstrap 95% interval ({cfg.n_boot} resamples):\n\n"
+                  + report.interval_table(intervals, task.metrics))
+    failures = {name: s["parse_failures"] for name, s in scores.items() if s.get("parse_failures", {}).get("total")}
+    if failures:
+        table += "\n\nUnparseable answers by reason: " + "; ".join(f"{k}: {v}" for k, v in failures.items())
     log.info("\nResults on %s (%s):\n%s\n", cfg.split, task.name, table)
     out = stage_dir(cfg.run_dir, "generations") / cfg.split
     (out / f"results{cfg.tag}.md").write_text(table + "\n", encoding="utf-8")
