@@ -56,9 +56,19 @@ class ToolCallConstraint:
         for i, piece in enumerate(self.pieces):
             if piece:
                 self.by_piece.setdefault(piece, []).append(i)
-        self.content = torch.tensor([bool(p) and _content_safe(p) for p in self.pieces])
-        # Tokens that end a string: optional content, then a non-empty start of an exit.
-        self.closing = {kind: self._closing_masks(exits) for kind, exits in _EXITS.items()}
+        content = torch.tensor([bool(p) and _content_safe(p) for p in self.pieces])
+        # Per argument kind and (string empty so far, token budget nearly spent): the tokens
+        # that may follow inside a string.  A closing token is optional content then a
+        # non-empty start of an exit; an empty string may not close.
+        self.string_masks: dict[tuple[str, bool, bool], torch.Tensor] = {}
+        for kind, exits in _EXITS.items():
+            any_close, with_content = self._closing_masks(exits)
+            for empty, close in ((False, any_close), (True, with_content)):
+                self.string_masks[kind, empty, False] = content | close
+                self.string_masks[kind, empty, True] = close
+        self.eos_mask = torch.zeros(len(self.pieces), dtype=torch.bool)
+        self.eos_mask[self.eos_ids] = True
+        self._literal_masks: dict[tuple[str, ...], torch.Tensor] = {}  # few distinct states: cached
 
     def _closing_masks(self, exits: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(any closing token, closing tokens that carry content before the quote)."""
@@ -95,21 +105,19 @@ class ToolCallConstraint:
             return ("literal", partial, kind, 0) if partial else ("invalid", (), kind, 0)
 
     def allowed(self, text: str, steps_left: int) -> torch.Tensor:
-        """Bool mask over the vocabulary of the tokens that may follow ``text``."""
+        """Bool mask over the vocabulary of the tokens that may follow ``text`` (do not modify it)."""
         where, rests, kind, length = self.state(text)
-        mask = torch.zeros(len(self.pieces), dtype=torch.bool)
-        if where == "literal":
-            for rest in rests:
-                for k in range(1, len(rest) + 1):
-                    mask[self.by_piece.get(rest[:k], [])] = True
-        elif where == "string":
-            any_close, with_content = self.closing[kind]
-            close = any_close if length else with_content  # no empty strings
+        if where == "string":
             # Leave room to close the call before the token budget runs out.
-            mask = close.clone() if steps_left <= max(map(len, rests)) + 1 else self.content | close
-        if not mask.any():  # done, invalid, or nothing fits: end the answer
-            mask[self.eos_ids] = True
-        return mask
+            return self.string_masks[kind, length == 0, steps_left <= max(map(len, rests)) + 1]
+        if where != "literal":
+            return self.eos_mask  # done or invalid: end the answer
+        if rests not in self._literal_masks:
+            ids = [i for rest in rests for k in range(1, len(rest) + 1) for i in self.by_piece.get(rest[:k], [])]
+            mask = torch.zeros(len(self.pieces), dtype=torch.bool)
+            mask[ids] = True
+            self._literal_masks[rests] = mask if ids else self.eos_mask
+        return self._literal_masks[rests]
 
     def processor(self, prompt_width: int, max_new_tokens: int) -> Callable:
         """A logits processor for one batch whose padded prompts are ``prompt_width`` tokens."""
