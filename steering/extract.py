@@ -1,7 +1,8 @@
 """Per-pair steering vectors: mean activation over the answer tokens, chosen minus rejected.
 
-For a pair ``(prompt, chosen, rejected)`` the context is ``chat_prompt(tok, prompt)`` --
-exactly the text generation continues -- and each answer is tokenized separately
+For a pair ``(prompt, chosen, rejected)`` the context is ``chat_prompt(tok, prompt)`` plus
+the task's response prefix -- exactly the text generation continues -- and each answer
+(after that prefix) is tokenized separately
 (``add_special_tokens=False``) and appended, so the answer boundary is exact in token
 space.  Every sequence runs once, in length-sorted left-padded batches; one read hook per
 site reduces its output on the fly to the fp32 mean over the sequence's answer tokens
