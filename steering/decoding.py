@@ -29,6 +29,7 @@ ARG_KINDS = ("string", "string_list")
 # What may follow a string's content: its closing quote and the call's end, or (in a list)
 # the next item or the list's end.
 _EXITS = {"string": ('"}}',), "string_list": ('", "', '"]}}')}
+_ENDS = {"string": '"}}', "string_list": '"]}}'}  # the exit that ends the call
 
 
 def _content_safe(piece: str) -> bool:
@@ -63,9 +64,10 @@ class ToolCallConstraint:
         self.string_masks: dict[tuple[str, bool, bool], torch.Tensor] = {}
         for kind, exits in _EXITS.items():
             any_close, with_content = self._closing_masks(exits)
-            for empty, close in ((False, any_close), (True, with_content)):
+            end_any, end_with_content = self._closing_masks((_ENDS[kind],))  # near the budget: no new item
+            for empty, close, end in ((False, any_close, end_any), (True, with_content, end_with_content)):
                 self.string_masks[kind, empty, False] = content | close
-                self.string_masks[kind, empty, True] = close
+                self.string_masks[kind, empty, True] = end
         self.eos_mask = torch.zeros(len(self.pieces), dtype=torch.bool)
         self.eos_mask[self.eos_ids] = True
         self._literal_masks: dict[tuple[str, ...], torch.Tensor] = {}  # few distinct states: cached
@@ -112,6 +114,8 @@ class ToolCallConstraint:
             return self.string_masks[kind, length == 0, steps_left <= max(map(len, rests)) + 1]
         if where != "literal":
             return self.eos_mask  # done or invalid: end the answer
+        if kind and steps_left <= len(_ENDS[kind]) + 1:  # between list items: end the list, open no new one
+            rests = tuple(r for r in rests if _ENDS[kind].endswith(r)) or rests
         if rests not in self._literal_masks:
             ids = [i for rest in rests for k in range(1, len(rest) + 1) for i in self.by_piece.get(rest[:k], [])]
             mask = torch.zeros(len(self.pieces), dtype=torch.bool)

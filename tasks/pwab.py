@@ -197,11 +197,19 @@ def _history_samples(histories, raw_items, used, history_before) -> list[dict[st
     return samples
 
 
+# When each tool is the right one: a small model otherwise picks by the history's look
+# (a list of asins suggests the recommender) rather than by the request.
+_WHEN = {"search_product_by_query": "when the user asks to find, search for or look for a product",
+         "get_recommendations_by_history": "when the user asks what to buy next or for a recommendation",
+         "add_product_review": "when the user asks to write or post a review"}
+
+
 def _tools_text() -> str:
     # A concrete example call per tool: small models copy a template's "{...}" literally.
     lines = []
     for i, (name, (desc, arg, schema, example)) in enumerate(TOOLS.items(), 1):
-        lines.append(f"{i}. {name}: {desc}. Arguments: {json.dumps({arg: schema})}\n"
+        when = f" Use it {_WHEN[name]}." if name in _WHEN else ""
+        lines.append(f"{i}. {name}: {desc}.{when} Arguments: {json.dumps({arg: schema})}\n"
                      f"   Example: {format_tool_call(ToolCall(name, {arg: example}))}")
     return "\n".join(lines)
 

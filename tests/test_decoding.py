@@ -56,6 +56,13 @@ def test_allowed_tokens_never_break_the_json(constraint):
     closing = constraint.allowed(head + "red", steps_left=2).nonzero().flatten().tolist()
     assert closing and all('"' in constraint.pieces[i] for i in closing)
     assert constraint.allowed(head + 'red"}}', steps_left=9).nonzero().flatten().tolist() == constraint.eos_ids
+    # a list near the budget closes instead of opening another item
+    items = 'get_recommendations_by_history", "arguments": {"product_sequence": ["B01'
+    pieces = lambda mask: {constraint.pieces[i] for i in mask.nonzero().flatten().tolist()}  # noqa: E731
+    assert any(p.startswith(",") for p in pieces(constraint.allowed(items + '"', steps_left=30)))
+    assert pieces(constraint.allowed(items + '"', steps_left=3)) and \
+        all('"]}}'[1:].startswith(p) for p in pieces(constraint.allowed(items + '"', steps_left=3)))
+    assert not any('",' in p for p in pieces(constraint.allowed(items, steps_left=3)))
 
 
 @pytest.mark.parametrize("model_name, max_new_tokens", [("llama", 96), ("qwen2", 96), ("llama", 64)])
