@@ -9,9 +9,10 @@ A task with a ``call_schema`` (function name -> (argument name, ``"string"`` or
 generated call parses, and what the model still chooses -- the function and the
 argument text -- is its own greedy (or sampled) choice among the valid continuations.
 
-Why a small processor of our own and not a grammar library: the grammar is four fixed
-shapes, and the libraries that do JSON schemas either pull another torch or lag behind
-the pinned transformers.  The output is exactly :func:`eval.pwab_tools.format_tool_call`'s
+Why a small processor of our own and not a grammar library (lm-format-enforcer, xgrammar,
+transformers-cfg): the grammar is three fixed shapes, and a library would be a new
+dependency to keep working with the pinned torch and transformers for ~150 lines of
+code.  The output is exactly :func:`eval.pwab_tools.format_tool_call`'s
 canonical JSON (``json.dumps`` separators), so chosen/rejected texts of stage 03 and
 generations of stage 05 have the same shape.
 """
