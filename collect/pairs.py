@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from data_process.artifacts import JsonlWriter, read_jsonl, write_jsonl
 from data_process.config import choose
 from eval.metrics import rouge_l
+from steering.decoding import decoding_kwargs
 from steering.generation import generate
 from tasks import Task
 from tasks.base import DEFAULT_MAX_PROMPT_TOKENS
@@ -118,17 +119,18 @@ class PairSettings:
                    samples_per_chunk=cfg.samples_per_chunk, max_prompt_tokens=cfg.max_prompt_tokens)
 
 
-def generator_for(cfg: Any, model, tok, desc: str) -> Callable[[list[str]], list[str]]:
-    """Messages -> answers with the stage-03 decoding settings of ``cfg``."""
+def generator_for(cfg: Any, task: Task, model, tok, desc: str) -> Callable[[list[str]], list[str]]:
+    """Messages -> answers with the stage-03 decoding settings of ``cfg`` and ``task``'s
+    response prefix (and call constraint with ``cfg.constrained``), as stage 05 decodes."""
     return functools.partial(generate, model, tok, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                              do_sample=cfg.do_sample, temperature=cfg.sampling_temperature, top_p=cfg.top_p,
-                             seed=cfg.seed, desc=desc)
+                             seed=cfg.seed, desc=desc, **decoding_kwargs(task, model, tok, getattr(cfg, "constrained", None)))
 
 
 def collect_text_pairs(cfg: Any, task: Task, samples: list[dict], other_samples: list[dict], model, tok,
                        writer: PairWriter) -> dict[str, Any]:
     """Stage 03 for a text task: tries judged by ROUGE-L against the gold."""
-    return collect_pairs(samples, other_samples, generator_for(cfg, model, tok, "generate negatives"),
+    return collect_pairs(samples, other_samples, generator_for(cfg, task, model, tok, "generate negatives"),
                          PairSettings.from_config(cfg, task), writer, tokenizer=tok)
 
 

@@ -11,7 +11,8 @@ For each training sample (``03_collect_pairs`` with task ``pwab``):
 2. **Negatives.**  ``num_neg_per_user`` tries with the histories (top ``history_k``) of random
    other users (seeded per sample); a try is kept when it names the wrong function or
    its score is under the type's threshold (review: similarity under
-   ``review_threshold``).  Unparseable tries are dropped (``dropped_empty``), so chosen
+   ``review_threshold``).  Unparseable tries are dropped (``dropped_empty``; their
+   reasons are counted per sample and in ``summary.parse_failures``), so chosen
    and rejected are always canonical JSON calls of the same shape; a try identical to
    the positive or to an earlier try is ``dropped_duplicate``.
 
@@ -48,10 +49,11 @@ def _good(cfg, kind: str, score: float) -> bool:
     return score > cfg.search_threshold
 
 
-def _judged(cfg, samples: list[dict], texts: list[str], env, encoder, failures: Counter
+def _judged(cfg, samples: list[dict], texts: list[str], env, encoder, failures: dict[str, Counter]
             ) -> list[tuple[ToolCall | None, bool, float]]:
-    """(call, success, result score) of each generated text for its sample."""
-    calls = [parse_tool_call(t, failures) for t in texts]
+    """(call, success, result score) of each generated text for its sample; parse failures
+    are counted by reason under the sample's id."""
+    calls = [parse_tool_call(t, failures.setdefault(s["id"], Counter())) for s, t in zip(samples, texts)]
     scores = score_calls(calls, [s["type"] for s in samples], [s["target"] for s in samples], env, encoder)
     return [(c, bool(f) and _good(cfg, s["type"], a), a) for c, s, (f, a) in zip(calls, samples, scores)]
 
@@ -97,11 +99,11 @@ def collect_pwab_pairs(cfg, task: Task, samples: list[dict], other_samples: list
     if missing:
         raise ValueError(f"PersonalWAB pair collection needs settings {missing} (the pwab task's defaults fill them)")
     # The raw text is parsed by parse_tool_call, which finds the call among echoed schemas.
-    generate_fn = generate_fn or generator_for(cfg, model, tok, "pwab calls")
+    generate_fn = generate_fn or generator_for(cfg, task, model, tok, "pwab calls")
     env = env or PwabEnv(cfg.data_dir, default_cache_dir(cfg.run_dir))
     pools = other_users_pools(samples, other_samples)
     todo = [s for s in samples if s["id"] not in writer.done_ids]
-    failures: Counter = Counter()
+    failures: dict[str, Counter] = {}
     markers, positives_by_type = [], Counter()
     bar = tqdm(total=len(todo), desc="pwab pairs", unit="sample")
     for start in range(0, len(todo), cfg.samples_per_chunk):
@@ -118,7 +120,8 @@ def collect_pwab_pairs(cfg, task: Task, samples: list[dict], other_samples: list
             by_sample.setdefault(s["id"], []).append(verdict)
         for s in chunk:
             counts = _write_pairs(cfg, task, s, positives.get(s["id"]), by_sample.get(s["id"], []), writer, tok)
-            marker = {"user_id": s["user_id"], "type": s["type"], "positive": s["id"] in positives, **counts}
+            marker = {"user_id": s["user_id"], "type": s["type"], "positive": s["id"] in positives,
+                      "parse_failures": dict(failures.get(s["id"], {})), **counts}
             writer.mark_done(s["id"], **marker)
             markers.append({"sample_id": s["id"], **marker})
             bar.update(1)
@@ -127,9 +130,12 @@ def collect_pwab_pairs(cfg, task: Task, samples: list[dict], other_samples: list
     if progress is not None and Path(progress).exists():
         markers = read_jsonl(progress)  # earlier (resumed) runs count too
     summary = summarize(markers, {s["user_id"] for s in samples})
+    parse_failures: Counter = Counter()
+    for m in markers:
+        parse_failures.update(m.get("parse_failures", {}))
+    summary["parse_failures"] = {"total": sum(parse_failures.values()), **dict(parse_failures)}
     summary["pwab"] = {"positives": sum(1 for m in markers if m.get("positive")),
-                       "positives_by_type_this_run": dict(positives_by_type),
-                       "parse_failures": dict(failures)}
+                       "positives_by_type_this_run": dict(positives_by_type)}
     return summary
 
 

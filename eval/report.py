@@ -99,6 +99,43 @@ def compare_scores(scores_a: dict[str, Any], scores_b: dict[str, Any], *, n_boot
                                 n_boot=n_boot, seed=seed) for m in metrics}
 
 
+def sample_values(scores: dict[str, Any], metric: str) -> dict[str, float]:
+    """Per-sample values of ``metric`` by sample id: a per-sample key, or ``<key>_<type>``
+    (e.g. PersonalWAB's ``facc_search``) over the samples of that type."""
+    rows = scores["per_sample"]
+    if rows and metric in rows[0]:
+        return {r["id"]: r[metric] for r in rows}
+    base, _, kind = metric.rpartition("_")
+    return {r["id"]: r[base] for r in rows if base in r and r.get("type") == kind}
+
+
+def intervals_vs(scores: dict[str, dict[str, Any]], baseline: str, metrics: Sequence[str], *,
+                 n_boot: int = 2000, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+    """Paired bootstrap of each run minus ``baseline`` per metric, over the samples both scored."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, run in scores.items():
+        if name == baseline:
+            continue
+        out[name] = {}
+        for m in metrics:
+            a, b = sample_values(scores[baseline], m), sample_values(run, m)
+            shared = sorted(set(a) & set(b))
+            if shared:
+                out[name][m] = paired_bootstrap([a[i] for i in shared], [b[i] for i in shared], n_boot=n_boot, seed=seed)
+    return out
+
+
+def interval_table(intervals: dict[str, dict[str, dict[str, float]]], metrics: Sequence[str]) -> str:
+    """A Markdown table of :func:`intervals_vs`: ``diff [low, high]`` per run and metric."""
+    header = ["run", *[METRIC_NAMES.get(m, m) for m in metrics]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for name, by_metric in intervals.items():
+        cells = [f"{by_metric[m]['diff']:+.3f} [{by_metric[m]['low']:+.3f}, {by_metric[m]['high']:+.3f}]"
+                 if m in by_metric else "n/a" for m in metrics]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def format_comparison(name_a: str, name_b: str, result: dict[str, dict[str, float]]) -> str:
     """Human-readable lines of a :func:`compare_scores` result."""
     lines = [f"{name_b} - {name_a} (paired bootstrap, {next(iter(result.values()))['n']} samples):"]

@@ -43,6 +43,13 @@ if [ "${FINTS_GEMMA:-0}" = 1 ]; then
 fi
 .venv/bin/python -m scripts.build_models --out models "${GEMMA[@]}"
 
+# The synthetic PersonalWAB benchmark of configs/pwab.json (seeded: the same bytes every time).
+if [ -f data/pwab_synth/user_instructions.json ]; then
+  echo "[setup] data/pwab_synth ready"
+else
+  .venv/bin/python tests/fixtures/pwab_synth/make_fixture.py --out data/pwab_synth
+fi
+
 # WordNet for METEOR: Debian's packages, copied where NLTK looks (nltk_data/ here).
 wn=nltk_data/corpora/wordnet
 if [ -f "$wn/lexnames" ]; then

@@ -51,6 +51,7 @@ class CollectPairsConfig(StageConfig):
     recommend_in_list: bool | None = field(default=None, metadata={"help": "PersonalWAB: a recommendation counts as correct when the target is in the returned list"})
     review_threshold: float | None = field(default=None, metadata={"help": "PersonalWAB: a review whose similarity to the gold review is below this is a negative"})
     positive_k: int | None = field(default=None, metadata={"help": "PersonalWAB: history items in the prompt that collects positives"})
+    constrained: bool | None = field(default=None, metadata={"help": "decode only valid calls of the task's call schema (default: the task's)"})
 
 
 def _report(summary: dict) -> None:
@@ -63,6 +64,8 @@ def _report(summary: dict) -> None:
     if summary["users_without_pairs"]:
         log.warning("[03_collect_pairs] %d user(s) without pairs: %s", len(summary["users_without_pairs"]),
                     ", ".join(summary["users_without_pairs"]))
+    if summary.get("parse_failures", {}).get("total"):
+        log.warning("[03_collect_pairs] unparseable answers by reason: %s", summary["parse_failures"])
     if summary.get("rouge_l", {}).get("quantiles"):
         log.info("[03_collect_pairs] ROUGE-L of distinct tries: %s; kept below other thresholds: %s",
                  summary["rouge_l"]["quantiles"], summary["rouge_l"]["kept_below"])

@@ -122,7 +122,18 @@ def run(cfg: EvaluateConfig) -> dict[str, dict]:
         log.warning("[06_evaluate] METEOR unavailable (WordNet not found; run scripts/setup.sh): reporting the rest")
     rows = {name: s["overall"] for name, s in scores.items()}
     n = {name: {"n": str(s["n"]), "users": str(s["n_users"])} for name, s in scores.items()}
+    for name, s in scores.items():
+        if "parse_failures" in s:  # tasks whose answers are parsed (PersonalWAB calls)
+            n[name]["unparsed"] = str(s["parse_failures"].get("total", 0))
     table = report.results_table(rows, metrics=task.metrics, extra=n)
+    baseline = f"{cfg.baseline}{cfg.tag}"
+    if baseline in scores and len(scores) > 1:
+        intervals = report.intervals_vs(scores, baseline, task.metrics, n_boot=cfg.n_boot, seed=cfg.seed)
+        table += (f"\n\nRun minus {baseline}, paired bootstrap 95% interval ({cfg.n_boot} resamples):\n\n"
+                  + report.interval_table(intervals, task.metrics))
+    failures = {name: s["parse_failures"] for name, s in scores.items() if s.get("parse_failures", {}).get("total")}
+    if failures:
+        table += "\n\nUnparseable answers by reason: " + "; ".join(f"{k}: {v}" for k, v in failures.items())
     log.info("\nResults on %s (%s):\n%s\n", cfg.split, task.name, table)
     intervals = _intervals(cfg, scores, task.metrics)
     if intervals:

@@ -20,7 +20,7 @@ import torch
 
 from data_process.artifacts import Stage, read_jsonl
 from data_process.config import stage_dir
-from stages.common import StageConfig
+from stages.common import StageConfig, task_of
 from steering.extract import KINDS, check_finite, check_pair, extract_chunked
 from steering.hooks import SITES, hidden_size
 from steering.model import DTYPES, check_layers, find_layers, load_model, model_name
@@ -77,6 +77,7 @@ def run(cfg: ExtractConfig) -> dict[str, Any] | None:
     if stage.done:
         return None
     pairs = load_pairs(pairs_path, cfg.max_pairs)
+    prefix = task_of(cfg).response_prefix  # answers are read where generation writes them
     model, tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
     check_layers(find_layers(model), cfg.layers)
     keys = [f"{site}.{layer}" for layer in cfg.layers for site in cfg.sites]
@@ -84,13 +85,14 @@ def run(cfg: ExtractConfig) -> dict[str, Any] | None:
                 "pairs_file": str(pairs_path)}
     if pairs:
         acts = extract_chunked(model, tok, pairs, keys, out_dir / "chunks", settings, cfg.chunk_pairs,
-                               cfg.batch_size, cfg.max_answer_tokens)
+                               cfg.batch_size, cfg.max_answer_tokens, prefix)
     else:
         acts = {kind: {key: torch.zeros(0, hidden_size(model)) for key in keys} for kind in KINDS}
     meta = {"model": model_name(model), "hidden_size": hidden_size(model),
             "num_layers": len(find_layers(model)), "layers": cfg.layers, "sites": cfg.sites,
             "settings": {"batch_size": cfg.batch_size, "max_answer_tokens": cfg.max_answer_tokens,
                          "model_dtype": settings["model_dtype"], "pairs_file": str(pairs_path),
+                         "response_prefix": prefix,
                          "reduction": "mean over answer tokens, chosen minus rejected"}}
     dtype = DTYPES[cfg.save_dtype]
     for key, vectors in acts["diff"].items():  # fp16 overflows to inf above 65504

@@ -18,6 +18,7 @@ from stages.common import StageConfig, load_samples, require, task_of
 from stages.evaluate import evaluate_run
 from steering.aggregate import RETRIEVERS, WEIGHTINGS
 from steering.algorithms import ALGORITHMS, AlgoSettings, SteerSpec, build_algorithm
+from steering.decoding import decoding_kwargs
 from steering.generation import POSITIONS
 from steering.hooks import SITES
 from steering.model import check_layers, find_layers, load_model, model_name
@@ -62,6 +63,7 @@ class GenerateConfig(StageConfig):
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
     sampling_temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with --do-sample)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (with --do-sample)"})
+    constrained: bool | None = field(default=None, metadata={"help": "decode only valid calls of the task's call schema (default: the task's)"})
     limit: int = field(default=0, metadata={"help": "only the first N samples of the split (0: all)"})
     plugin: str = field(default="", metadata={"help": "directory of per-user PEFT LoRA adapters <dir>/<user_id>/ "
                                                       "(oppu, oppu+fints: default {run_dir}/lora)"})
@@ -127,7 +129,7 @@ def run(cfg: GenerateConfig, model=None, tok=None) -> Path:
         algo = build_algorithm(cfg.algo, settings)
         gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
                           temperature=cfg.sampling_temperature, top_p=cfg.top_p, seed=cfg.seed,
-                          positions=cfg.positions)
+                          positions=cfg.positions, **decoding_kwargs(task, model, tok, cfg.constrained))
         plugin = _plugin_dir(cfg)
         adapters = UserAdapters(model, plugin, [s["user_id"] for s in samples]) if plugin else None
         try:

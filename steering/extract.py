@@ -1,7 +1,8 @@
 """Per-pair steering vectors: mean activation over the answer tokens, chosen minus rejected.
 
-For a pair ``(prompt, chosen, rejected)`` the context is ``chat_prompt(tok, prompt)`` --
-exactly the text generation continues -- and each answer is tokenized separately
+For a pair ``(prompt, chosen, rejected)`` the context is ``chat_prompt(tok, prompt)`` plus
+the task's response prefix -- exactly the text generation continues -- and each answer
+(after that prefix) is tokenized separately
 (``add_special_tokens=False``) and appended, so the answer boundary is exact in token
 space.  Every sequence runs once, in length-sorted left-padded batches; one read hook per
 site reduces its output on the fly to the fp32 mean over the sequence's answer tokens
@@ -50,12 +51,20 @@ def check_pair(pair: dict, where: str) -> None:
             raise ValueError(f"{where}: pair {pair['pair_id']!r} has an empty {name!r} answer")
 
 
-def encode_pair(tok, pair: dict, max_answer_tokens: int) -> tuple[Sequence, Sequence]:
-    """(chosen, rejected) sequences of one pair; answers cut to ``max_answer_tokens``."""
-    context = tok(chat_prompt(tok, pair["prompt"]), add_special_tokens=False)["input_ids"]
+def encode_pair(tok, pair: dict, max_answer_tokens: int, response_prefix: str = "") -> tuple[Sequence, Sequence]:
+    """(chosen, rejected) sequences of one pair; answers cut to ``max_answer_tokens``.
+
+    With a task's ``response_prefix`` the context ends with it, as in generation, and each
+    answer (which starts with it) contributes only what follows it.
+    """
+    context = tok(chat_prompt(tok, pair["prompt"], response_prefix), add_special_tokens=False)["input_ids"]
     out = []
     for name in ("chosen", "rejected"):
-        answer = tok(pair[name], add_special_tokens=False)["input_ids"][:max_answer_tokens]
+        if not pair[name].startswith(response_prefix):
+            raise ValueError(f"pair {pair['pair_id']!r}: the {name!r} answer does not start with the task's "
+                             f"response prefix {response_prefix!r}")
+        text = pair[name][len(response_prefix):]
+        answer = tok(text, add_special_tokens=False)["input_ids"][:max_answer_tokens]
         start = max(len(context), 1)  # the first token of a sequence is never averaged
         if len(context) + len(answer) <= start:
             raise ValueError(f"pair {pair['pair_id']!r}: the {name!r} answer has no token to average")
@@ -103,11 +112,12 @@ def answer_means(model, seqs: list[Sequence], keys: list[str], pad_id: int, batc
 
 
 def extract_pairs(model, tok, pairs: list[dict], keys: list[str], batch_size: int = 16,
-                  max_answer_tokens: int = 256, progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+                  max_answer_tokens: int = 256, progress: bool = True, response_prefix: str = ""
+                  ) -> dict[str, dict[str, torch.Tensor]]:
     """``{kind: {key: [n_pairs, hidden]}}`` fp32 for kind in diff, pos, neg (pairs order)."""
     seqs: list[Sequence] = []
     for pair in pairs:
-        seqs.extend(encode_pair(tok, pair, max_answer_tokens))
+        seqs.extend(encode_pair(tok, pair, max_answer_tokens, response_prefix))
     means = answer_means(model, seqs, keys, tok.pad_token_id, batch_size, progress)
     acts = {kind: {} for kind in KINDS}
     for key, m in means.items():
@@ -137,13 +147,13 @@ def _load_chunk(path: Path, pair_ids: list, fingerprint: str, keys: list[str]):
 
 
 def extract_chunked(model, tok, pairs: list[dict], keys: list[str], chunk_dir: str | Path, settings: dict,
-                    chunk_pairs: int = 256, batch_size: int = 16, max_answer_tokens: int = 256
-                    ) -> dict[str, dict[str, torch.Tensor]]:
+                    chunk_pairs: int = 256, batch_size: int = 16, max_answer_tokens: int = 256,
+                    response_prefix: str = "") -> dict[str, dict[str, torch.Tensor]]:
     """:func:`extract_pairs` over chunks saved under ``chunk_dir`` (resumable)."""
     chunk_dir = Path(chunk_dir)
     chunk_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = json.dumps({**settings, "keys": sorted(keys), "max_answer_tokens": max_answer_tokens},
-                             sort_keys=True)
+    fingerprint = json.dumps({**settings, "keys": sorted(keys), "max_answer_tokens": max_answer_tokens,
+                              "response_prefix": response_prefix}, sort_keys=True)
     parts = []
     bar = tqdm(total=len(pairs), desc="pairs", unit="pair")
     for start in range(0, len(pairs), chunk_pairs):
@@ -152,7 +162,7 @@ def extract_chunked(model, tok, pairs: list[dict], keys: list[str], chunk_dir: s
         path = chunk_dir / f"chunk_{start:08d}.safetensors"
         acts = _load_chunk(path, ids, fingerprint, keys)
         if acts is None:
-            acts = extract_pairs(model, tok, chunk, keys, batch_size, max_answer_tokens)
+            acts = extract_pairs(model, tok, chunk, keys, batch_size, max_answer_tokens, response_prefix=response_prefix)
             tmp = path.with_name(path.name + ".tmp")
             save_file({f"{kind}/{k}": t.contiguous() for kind, d in acts.items() for k, t in d.items()},
                       str(tmp), metadata={"fingerprint": fingerprint, "pair_ids": json.dumps(ids)})

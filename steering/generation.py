@@ -13,10 +13,11 @@ task makes of it is the task's ``postprocess``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
 
 from steering.hooks import add_vectors
 from steering.model import chat_prompt, left_pad
@@ -39,7 +40,8 @@ def clean_output(text: str) -> str:
         text = stripped
 
 
-def _eos_ids(model, tok) -> list[int]:
+def eos_ids(model, tok) -> list[int]:
+    """Every token id that ends an answer: the generation config's EOS ids and the tokenizer's."""
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
     if tok.eos_token_id is not None and tok.eos_token_id not in ids:
@@ -82,6 +84,7 @@ def generate(model, tok, messages: list[str], **kwargs) -> list[str]:
 def generate_batches(model, tok, messages: list[str], *, max_new_tokens: int, batch_size: int = 16,
                      do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                      deltas: dict[str, torch.Tensor] | None = None, positions: str = "all",
+                     response_prefix: str = "", constraint: Callable[[int, int], Callable] | None = None,
                      desc: str = "generate") -> Iterator[tuple[list[int], list[str]]]:
     """Yield ``(message indices, answers)`` batch by batch, longest prompts first.
 
@@ -90,6 +93,10 @@ def generate_batches(model, tok, messages: list[str], *, max_new_tokens: int, ba
     rows through :func:`steering.hooks.add_vectors`.  Batch composition depends only on the
     messages and ``batch_size``; sampling is reproducible for a given ``seed``, message
     list and ``batch_size``, and the global RNG is left untouched.
+
+    ``response_prefix`` opens every answer (:func:`steering.model.chat_prompt`) and is
+    part of the returned text; ``constraint(prompt_width, max_new_tokens)`` makes a
+    batch's logits processor (:meth:`steering.decoding.ToolCallConstraint.processor`).
     """
     if positions not in POSITIONS:
         raise ValueError(f"unknown positions {positions!r}; choose one of {list(POSITIONS)}")
@@ -99,19 +106,22 @@ def generate_batches(model, tok, messages: list[str], *, max_new_tokens: int, ba
         return
     _check_deltas(deltas, len(messages))
     device = next(model.parameters()).device
-    encoded = [tok(chat_prompt(tok, m), add_special_tokens=False)["input_ids"] for m in messages]
+    encoded = [tok(chat_prompt(tok, m, response_prefix), add_special_tokens=False)["input_ids"] for m in messages]
     # Ties by index: the batches are a function of the messages alone.
     order = sorted(range(len(messages)), key=lambda i: (-len(encoded[i]), i))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else _eos_ids(model, tok)[0]
-    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=_eos_ids(model, tok),
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids(model, tok)[0]
+    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_ids(model, tok),
                   pad_token_id=pad_id, **_sampling_kwargs(do_sample, temperature, top_p))
     starts = range(0, len(order), batch_size)
     for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", leave=False)):
         rows = order[start:start + batch_size]
         ids, mask = left_pad([encoded[i] for i in rows], pad_id, device)
-        new_tokens = _generate_batch(model, ids, mask, kwargs, deltas, rows, positions, seed + b)
-        yield rows, [clean_output(tok.decode(_cut_at_eos(t.tolist(), kwargs["eos_token_id"]),
-                                             skip_special_tokens=True)) for t in new_tokens]
+        batch_kwargs = kwargs
+        if constraint is not None:
+            batch_kwargs = {**kwargs, "logits_processor": LogitsProcessorList([constraint(ids.shape[1], max_new_tokens)])}
+        new_tokens = _generate_batch(model, ids, mask, batch_kwargs, deltas, rows, positions, seed + b)
+        yield rows, [clean_output(response_prefix + tok.decode(_cut_at_eos(t.tolist(), kwargs["eos_token_id"]),
+                                                               skip_special_tokens=True)) for t in new_tokens]
 
 
 def _generate_batch(model, ids, mask, kwargs, deltas, rows, positions, seed) -> list[torch.Tensor]:

@@ -101,18 +101,20 @@ def _local_dir(path: str | Path) -> Path:
     return path
 
 
-def chat_prompt(tokenizer, message: str) -> str:
+def chat_prompt(tokenizer, message: str, response_prefix: str = "") -> str:
     """Render one user message as the text the model continues.
 
     Uses the tokenizer's chat template (with the generation prompt) when it has one;
     otherwise a plain ``message\\n`` prompt.  The result includes any BOS the template
-    writes, so callers tokenize it with ``add_special_tokens=False``.
+    writes, so callers tokenize it with ``add_special_tokens=False``.  ``response_prefix``
+    (a task's start of every answer, e.g. ``{"name": "``) opens the assistant turn, so
+    generation, pair collection and extraction all continue the same token stream.
     """
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": message}],
-                                             tokenize=False, add_generation_prompt=True)
+                                             tokenize=False, add_generation_prompt=True) + response_prefix
     bos = tokenizer.bos_token or ""
-    return f"{bos}{message}\n"
+    return f"{bos}{message}\n{response_prefix}"
 
 
 @dataclass

@@ -41,6 +41,12 @@ class Task:
     setup_stages: ClassVar[tuple[str, ...]] = ()
     # Stage 01 settings that :meth:`load` takes as keyword arguments (besides the two below).
     load_options: ClassVar[tuple[str, ...]] = ()
+    # Text every answer starts with, written into the prompt after the assistant's turn
+    # marker (stages 03, 04 and 05 alike), e.g. '{"name": "' for a tool call.
+    response_prefix: ClassVar[str] = ""
+    # For constrained decoding (--constrained): function name -> (argument name, kind), kind
+    # "string" or "string_list"; None: the task's answers are free text.
+    call_schema: ClassVar[dict[str, tuple[str, str]] | None] = None
 
     def load(self, data_dir: Path, *, include_history_samples: bool = True, on_error: str = "stop",
              **options: Any) -> Benchmark:

@@ -244,11 +244,19 @@ def _history_samples(histories, raw_items, used, history_before) -> list[dict[st
     return samples
 
 
+# When each tool is the right one: a small model otherwise picks by the history's look
+# (a list of asins suggests the recommender) rather than by the request.
+_WHEN = {"search_product_by_query": "when the user asks to find, search for or look for a product",
+         "get_recommendations_by_history": "when the user asks what to buy next or for a recommendation",
+         "add_product_review": "when the user asks to write or post a review"}
+
+
 def _tools_text() -> str:
     # A concrete example call per tool: small models copy a template's "{...}" literally.
     lines = []
     for i, (name, (desc, arg, schema, example)) in enumerate(TOOLS.items(), 1):
-        lines.append(f"{i}. {name}: {desc}. Arguments: {json.dumps({arg: schema})}\n"
+        when = f" Use it {_WHEN[name]}." if name in _WHEN else ""
+        lines.append(f"{i}. {name}: {desc}.{when} Arguments: {json.dumps({arg: schema})}\n"
                      f"   Example: {format_tool_call(ToolCall(name, {arg: example}))}")
     return "\n".join(lines)
 
@@ -305,12 +313,17 @@ class PersonalWab(Task):
     summary = "PersonalWAB function calling (search, recommend, review)"
     defaults = {"include_history_samples": False, "recommend_history": "category", "user_profiles": False,
                 "history_k": 5, "max_new_tokens": 128, "positive_k": 5, "search_threshold": 0.65,
-                "review_threshold": 0.51, "recommend_in_list": True}
+                "review_threshold": 0.51, "recommend_in_list": True, "constrained": True}
     metrics = tuple(PWAB_METRICS)
     pair_collector = "tool_calls"
     record_fields = ("type", "target", "timestamp")
     setup_stages = ("train_sasrec",)  # the recommender behind get_recommendations_by_history
     load_options = ("recommend_history", "user_profiles")
+    # Small models echo the tool list instead of calling a tool; opening the assistant turn
+    # with the call's first key makes every answer a call.
+    response_prefix = '{"name": "'
+    call_schema = {name: (arg, "string_list" if schema["type"] == "array" else "string")
+                   for name, (_, arg, schema, _) in TOOLS.items()}
 
     def load(self, data_dir: Path, *, include_history_samples: bool = False, on_error: str = "stop",
              **options: Any) -> Benchmark:

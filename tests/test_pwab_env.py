@@ -151,7 +151,8 @@ def test_train_sasrec_stage_writes_a_loadable_checkpoint(tmp_path, caplog):
     from stages.train_sasrec import TrainSasrecConfig, run
 
     caplog.set_level(logging.INFO)
-    argv = ["--config", "configs/pwab.json", "--run-dir", str(tmp_path), "--epochs", "3",
+    # the config's data_dir (data/pwab_synth) is written by setup.sh: run on the 30-product fixture
+    argv = ["--config", "configs/pwab.json", "--run-dir", str(tmp_path), "--data-dir", str(PWAB), "--epochs", "3",
             "--hidden", "8", "--heads", "1", "--blocks", "1", "--max-len", "8"]
     manifest = run(parse_config(TrainSasrecConfig, argv))
     assert manifest["stage"] == "train_sasrec"

@@ -144,7 +144,9 @@ def test_negatives_are_failing_calls_from_other_users_histories(run):
     totals = summary["totals"]
     assert totals["samples"] == 11 and totals["kept"] == 8 and totals["tries"] == 20
     assert totals["dropped_empty"] == 4 and totals["dropped_duplicate"] == 8  # greedy answers repeat
-    assert summary["pwab"]["parse_failures"] == {"no_json": 4}
+    assert summary["parse_failures"] == {"total": 4, "no_json": 4}
+    dog = [m for m in writer.markers if m["user_id"] == "ANQ5DOGMOM9PW"]
+    assert sum(m["parse_failures"].get("no_json", 0) for m in dog) == 4  # counted per sample, so a resume keeps them
     assert summary["users_without_pairs"] == ["ANQ5DOGMOM9PW"]
 
 

@@ -1,8 +1,9 @@
 """PersonalWAB stages 01 -> 06 end to end on the synthetic fixture and the tiny model.
 
-The tiny random model writes no parseable tool call, so this pins the plumbing: every
-stage runs, an empty pair set gives an empty vector store, steer/fints then fall back to
-RAG (reported), and scoring reports FACC / RACC per task type with failures counted.
+The tiny random model writes no tool call of its own; with the task's response prefix
+and constrained decoding every answer is a valid call, so stage 03 keeps pairs, stage 04
+extracts vectors on the prefixed token stream and steer/fints really steer.  Users
+without pairs fall back to RAG (reported); scoring reports FACC / RACC per task type.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ def pwab_run(tmp_path_factory, tiny_llama_dir):
         "model": str(tiny_llama_dir), "device": "cpu", "dtype": "float32", "seed": 3,
         "select_users": {"num_users": 4, "num_unseen": 2, "min_history": 2, "min_train": 2},
         "train_sasrec": {"hidden": 16, "blocks": 1, "heads": 1, "epochs": 5, "threads": 1},
-        "collect_pairs": {"num_neg_per_user": 1, "history_k": 2, "max_new_tokens": 12, "batch_size": 8,
+        "collect_pairs": {"num_neg_per_user": 1, "history_k": 2, "max_new_tokens": 80, "batch_size": 8,
                           "max_prompt_tokens": 512},
         "extract_vectors": {"layers": [1], "sites": ["attn", "mlp"], "save_dtype": "float32",
                             "user_strategies": ["mean"]},
-        "generate": {"history_k": 2, "layers": [1], "sites": ["attn", "mlp"], "max_new_tokens": 12,
+        # a random model's pair vectors are tiny: a large multiplier makes the steering visible
+        "generate": {"history_k": 2, "layers": [1], "sites": ["attn", "mlp"], "max_new_tokens": 80, "alpha": 200.0,
+                     "beta": 200.0,
                      "batch_size": 4, "max_prompt_tokens": 512},
     }))
     argv = ["--config", str(config)]
@@ -94,3 +97,23 @@ def test_pwab_pipeline_with_no_pairs_runs_steering_as_rag_for_every_user(pwab_ru
         out = {r["id"]: r["generation"] for r in
                read_jsonl(run_dir / "generations" / "seen_test" / "fints" / "generations.jsonl")}
         assert out == rag
+
+
+def test_constrained_tool_calls_give_pairs_vectors_and_steered_calls(pwab_run):
+    run_dir, scores, manifests = pwab_run
+    summary = read_json(run_dir / "pairs" / "summary.json")
+    assert summary["parse_failures"] == {"total": 0}  # constrained decoding: every try parses
+    pairs = read_jsonl(run_dir / "pairs" / "pairs.jsonl")
+    assert pairs and all(p["chosen"].startswith('{"name": "') for p in pairs)
+    assert manifests["04_extract_vectors"]["n_pairs"] == len(pairs)
+    assert all(s["parse_failures"]["total"] == 0 for s in scores.values())
+    table = (run_dir / "generations" / "seen_test" / "results.md").read_text()
+    assert "unparsed" in table and "Run minus rag, paired bootstrap 95% interval" in table
+    intervals = table.split("Run minus rag")[1]
+    assert all(f"| {algo} | " in intervals for algo in ("zeroshot", "steer", "fints")) and "| rag | " not in intervals
+    gen = run_dir / "generations" / "seen_test"
+    rag, fints = ({r["id"]: r["generation"] for r in read_jsonl(gen / a / "generations.jsonl")} for a in ("rag", "fints"))
+    steered = set(manifests["05_generate/fints"]["users_without_vectors"])
+    differs = [i for i in rag if rag[i] != fints[i]]
+    assert differs and all(json.loads(fints[i])["name"] for i in differs)
+    assert not steered & {r["user_id"] for r in read_jsonl(gen / "fints" / "generations.jsonl") if r["id"] in differs}
