@@ -126,12 +126,16 @@ def intervals_vs(scores: dict[str, dict[str, Any]], baseline: str, metrics: Sequ
 
 
 def interval_table(intervals: dict[str, dict[str, dict[str, float]]], metrics: Sequence[str]) -> str:
-    """A Markdown table of :func:`intervals_vs`: ``diff [low, high]`` per run and metric."""
+    """A Markdown table of :func:`intervals_vs`: ``diff [low, high]`` per run and metric,
+    marked ``*`` where the interval excludes 0."""
     header = ["run", *[METRIC_NAMES.get(m, m) for m in metrics]]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for name, by_metric in intervals.items():
-        cells = [f"{by_metric[m]['diff']:+.3f} [{by_metric[m]['low']:+.3f}, {by_metric[m]['high']:+.3f}]"
-                 if m in by_metric else "n/a" for m in metrics]
+        cells = []
+        for m in metrics:
+            r = by_metric.get(m)
+            mark = "" if r is None or r["low"] <= 0 <= r["high"] else " *"
+            cells.append("n/a" if r is None else f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]{mark}")
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
 
@@ -143,25 +147,6 @@ def format_comparison(name_a: str, name_b: str, result: dict[str, dict[str, floa
         verdict = "B better" if r["low"] > 0 else "A better" if r["high"] < 0 else "no clear difference"
         lines.append(f"  {METRIC_NAMES.get(metric, metric):8s} {r['diff']:+.4f}  "
                      f"{int(r['level'] * 100)}% CI [{r['low']:+.4f}, {r['high']:+.4f}]  {verdict}")
-    return "\n".join(lines)
-
-
-def interval_table(baseline: str, comparisons: dict[str, dict[str, dict[str, float]]],
-                   metrics: Sequence[str] = TEXT_METRICS) -> str:
-    """A Markdown table of each run minus ``baseline``: ``diff [low, high]`` per metric.
-
-    ``comparisons`` maps a run name to its :func:`compare_scores` result against the
-    baseline; an interval that excludes 0 is marked ``*``.
-    """
-    header = ["run", *[f"{METRIC_NAMES.get(m, m)} − {baseline}" for m in metrics]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for name, result in comparisons.items():
-        cells = [name]
-        for m in metrics:
-            r = result.get(m)
-            mark = "" if r is None or r["low"] <= 0 <= r["high"] else " *"
-            cells.append("n/a" if r is None else f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]{mark}")
-        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

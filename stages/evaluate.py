@@ -100,12 +100,10 @@ def _intervals(cfg: EvaluateConfig, scores: dict[str, dict], metrics) -> str:
     base = f"{cfg.baseline}{cfg.tag}"
     if not cfg.baseline or base not in scores or len(scores) < 2:
         return ""
-    comparisons = {name: report.compare_scores(scores[base], s, n_boot=cfg.n_boot, seed=cfg.seed)
-                   for name, s in scores.items() if name != base}
-    first = next(iter(comparisons.values()))
-    shown = [m for m in metrics if m in first]  # per-sample metrics only (not per-type breakdowns)
-    return (f"Paired bootstrap 95% intervals against {base} ({next(iter(first.values()))['n']} samples, "
-            f"{cfg.n_boot} resamples; * = the interval excludes 0):\n" + report.interval_table(base, comparisons, shown))
+    intervals = report.intervals_vs(scores, base, metrics, n_boot=cfg.n_boot, seed=cfg.seed)
+    n = next((r["n"] for by_metric in intervals.values() for r in by_metric.values()), 0)
+    return (f"Paired bootstrap 95% intervals against {base} ({n} samples, {cfg.n_boot} resamples; "
+            f"* = the interval excludes 0):\n\n" + report.interval_table(intervals, metrics))
 
 
 def run(cfg: EvaluateConfig) -> dict[str, dict]:
@@ -126,11 +124,6 @@ def run(cfg: EvaluateConfig) -> dict[str, dict]:
         if "parse_failures" in s:  # tasks whose answers are parsed (PersonalWAB calls)
             n[name]["unparsed"] = str(s["parse_failures"].get("total", 0))
     table = report.results_table(rows, metrics=task.metrics, extra=n)
-    baseline = f"{cfg.baseline}{cfg.tag}"
-    if baseline in scores and len(scores) > 1:
-        intervals = report.intervals_vs(scores, baseline, task.metrics, n_boot=cfg.n_boot, seed=cfg.seed)
-        table += (f"\n\nRun minus {baseline}, paired bootstrap 95% interval ({cfg.n_boot} resamples):\n\n"
-                  + report.interval_table(intervals, task.metrics))
     failures = {name: s["parse_failures"] for name, s in scores.items() if s.get("parse_failures", {}).get("total")}
     if failures:
         table += "\n\nUnparseable answers by reason: " + "; ".join(f"{k}: {v}" for k, v in failures.items())

@@ -123,7 +123,8 @@ def _encoder(cfg: TrainLoraConfig, task, tok):
 
     def encode(samples: list[dict]):
         messages = algo(samples).messages
-        return [encode_example(tok, m, s["output"], cfg.max_answer_tokens) for m, s in zip(messages, samples)]
+        return [encode_example(tok, m, s["output"], cfg.max_answer_tokens, task.response_prefix)
+                for m, s in zip(messages, samples)]
 
     return encode
 

@@ -56,9 +56,16 @@ class Example:
     answer_start: int
 
 
-def encode_example(tok, message: str, answer: str, max_answer_tokens: int) -> Example:
-    """The chat-formatted ``message`` followed by ``answer`` (cut to ``max_answer_tokens``) and EOS."""
-    context = tok(chat_prompt(tok, message), add_special_tokens=False)["input_ids"]
+def encode_example(tok, message: str, answer: str, max_answer_tokens: int, response_prefix: str = "") -> Example:
+    """The chat-formatted ``message`` followed by ``answer`` (cut to ``max_answer_tokens``) and EOS.
+
+    With a task's ``response_prefix`` the prompt ends with it, as in generation, and the
+    answer (which starts with it) continues after it.
+    """
+    context = tok(chat_prompt(tok, message, response_prefix), add_special_tokens=False)["input_ids"]
+    if not answer.startswith(response_prefix):
+        raise ValueError(f"answer {answer[:40]!r} does not start with the task's response prefix {response_prefix!r}")
+    answer = answer[len(response_prefix):]
     answer_ids = tok(answer, add_special_tokens=False)["input_ids"][:max_answer_tokens]
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     return Example(list(context) + list(answer_ids) + eos, len(context))

@@ -108,8 +108,8 @@ def test_constrained_tool_calls_give_pairs_vectors_and_steered_calls(pwab_run):
     assert manifests["04_extract_vectors"]["n_pairs"] == len(pairs)
     assert all(s["parse_failures"]["total"] == 0 for s in scores.values())
     table = (run_dir / "generations" / "seen_test" / "results.md").read_text()
-    assert "unparsed" in table and "Run minus rag, paired bootstrap 95% interval" in table
-    intervals = table.split("Run minus rag")[1]
+    assert "unparsed" in table and "Paired bootstrap 95% intervals against rag" in table
+    intervals = table.split("intervals against rag")[1]
     assert all(f"| {algo} | " in intervals for algo in ("zeroshot", "steer", "fints")) and "| rag | " not in intervals
     gen = run_dir / "generations" / "seen_test"
     rag, fints = ({r["id"]: r["generation"] for r in read_jsonl(gen / a / "generations.jsonl")} for a in ("rag", "fints"))

@@ -80,4 +80,4 @@ def test_per_type_intervals_compare_only_the_samples_of_that_type():
     assert out["fints"]["facc_search"]["diff"] == 1.0 and out["fints"]["facc_search"]["n"] == 2
     assert out["fints"]["facc_review"]["diff"] == 0.0 and abs(out["fints"]["facc"]["diff"] - 2 / 3) < 1e-9
     table = report.interval_table(out, ["facc", "facc_search"])
-    assert "| fints | +0.667 [" in table and "+1.000 [+1.000, +1.000]" in table
+    assert "| fints | +0.6667 [" in table and "+1.0000 [+1.0000, +1.0000] *" in table

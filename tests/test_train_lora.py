@@ -61,7 +61,7 @@ def test_training_sees_only_train_samples_and_never_a_test_gold(run, tmp_path, m
     seen = []
     real = train_lora.encode_example
     monkeypatch.setattr(train_lora, "encode_example",
-                        lambda tok, message, answer, n: seen.append((message, answer)) or real(tok, message, answer, n))
+                        lambda tok, message, answer, *rest: seen.append((message, answer)) or real(tok, message, answer, *rest))
     run_stage("train_lora", ["--config", str(config), "--out-dir", str(tmp_path / "spy"), "--epochs", "1"])
     train = read_jsonl(run_dir / "ranked" / "train.jsonl")
     tests = [s for split in ("seen_test", "unseen_test") for s in read_jsonl(run_dir / "ranked" / f"{split}.jsonl")]
