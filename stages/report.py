@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ReportConfig(StageConfig):
     STAGE = "report"
-    SECTIONS = ("evaluate", "report")
+    SECTIONS = ("report",)
 
     splits: list[str] = field(default_factory=list, metadata={"help": "test splits to report (default: every generated one)"})
     baseline: str = field(default="rag", metadata={"help": "run every other method is compared with"})

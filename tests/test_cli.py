@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from data_process.cli import main
+from data_process.config import parse_config
 from stages.generate import GenerateConfig
 from stages.select_users import SelectUsersConfig
 from stages.select_users import run as select_users
@@ -91,3 +92,19 @@ def test_the_script_itself_exits_2_with_one_line(tmp_path):
                           timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
     assert done.stderr.startswith("error: data directory")
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_config_parses_for_every_stage(config):
+    import dataclasses
+    import importlib
+    import pkgutil
+
+    import stages
+
+    for info in pkgutil.iter_modules(stages.__path__):
+        module = importlib.import_module(f"stages.{info.name}")
+        for cls in vars(module).values():
+            if isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__ == module.__name__ \
+                    and getattr(cls, "STAGE", None):
+                parse_config(cls, ["--config", str(config)])
