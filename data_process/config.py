@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from transformers import HfArgumentParser
+
+from data_process.artifacts import read_json
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -77,10 +78,7 @@ def config_defaults(path: str | Path, config_cls: type, section: str) -> dict[st
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a task config must be a JSON object")
     common = {f.name for f in dataclasses.fields(CommonConfig)}

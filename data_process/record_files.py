@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from data_process.artifacts import read_json
 from data_process.records import ErrorLog
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
@@ -57,10 +58,7 @@ def read_records(path: Path, log: ErrorLog) -> Iterator[tuple[str, Any]]:
         for i, rec in enumerate(_table_rows(path)):
             yield f"{path}: row {i}", rec
     elif path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        data = read_json(path)
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
         for i, rec in enumerate(data):
