@@ -11,10 +11,14 @@ metadata lists ``choices`` rejects other values, from the file as from the comma
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import os
+import math
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -22,6 +26,7 @@ from typing import Any, ClassVar, TypeVar
 from transformers import HfArgumentParser
 
 from data_process.artifacts import read_json
+from data_process.schema import SAFE_NAME_RULE, is_safe_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -48,7 +53,7 @@ class CommonConfig:
                        metadata={"help": "local directory of the model that is steered"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"})
-    seed: int = field(default=42, metadata={"help": "random seed of every sampling step"})
+    seed: int = field(default=42, metadata={"min": 0, "help": "random seed of every sampling step"})
     overwrite: bool = field(default=False, metadata={"help": "redo a stage whose manifest exists"})
     config: str = field(default="", metadata={"help": "task config JSON supplying defaults for every flag"})
     layers_attr: str = field(default="", metadata={
@@ -74,7 +79,8 @@ def choose(kind: str, name: str, registry: dict[str, T]) -> T:
 
 
 def config_defaults(path: str | Path, config_cls: type, section: str) -> dict[str, Any]:
-    """Read the defaults a task config gives stage ``section`` (validated)."""
+    """Read the defaults a task config gives stage ``section``, every value checked by
+    :func:`value_problem` (an error names the file, the section and the key)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -82,8 +88,16 @@ def config_defaults(path: str | Path, config_cls: type, section: str) -> dict[st
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a task config must be a JSON object")
     common = {f.name for f in dataclasses.fields(CommonConfig)}
-    known = {f.name for f in dataclasses.fields(config_cls)}
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    hints = typing.get_type_hints(config_cls)
     defaults: dict[str, Any] = {}
+
+    def take(key: str, value: Any, where: str) -> None:
+        problem = value_problem(fields[key], hints[key], value)
+        if problem:
+            raise ValueError(f"{path}: {where}key {key!r}: {problem}")
+        defaults[key] = value
+
     for key, value in raw.items():
         if key.startswith("_"):  # "_comment" keys document the file
             continue
@@ -92,18 +106,76 @@ def config_defaults(path: str | Path, config_cls: type, section: str) -> dict[st
         if key not in common:
             raise ValueError(f"{path}: unknown top-level key {key!r}.{suggest(key, sorted(common | set(STAGE_SECTIONS)))}"
                              f" Top-level keys are {sorted(common)} and stage sections {list(STAGE_SECTIONS)}")
-        if key in known:
-            defaults[key] = value
+        if key in fields:
+            take(key, value, "top-level ")
     stage_raw = raw.get(section, {})
     if not isinstance(stage_raw, dict):
         raise ValueError(f"{path}: section {section!r} must be a JSON object")
     for key, value in stage_raw.items():
         if key.startswith("_"):
             continue
-        if key not in known:
-            raise ValueError(f"{path}: unknown key {key!r} in section {section!r}.{suggest(key, sorted(known))}")
-        defaults[key] = value
+        if key not in fields:
+            raise ValueError(f"{path}: unknown key {key!r} in section {section!r}.{suggest(key, sorted(fields))}")
+        take(key, value, f"section {section!r}, ")
     return defaults
+
+
+RULE_KEYS = ("min", "max", "gt", "lt", "non_empty", "name")  # field metadata read by value_problem
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_problem(tp: Any, value: Any) -> str:
+    """Why ``value`` (as JSON gives it) is not of the annotated type ``tp`` ('' when it is)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return ""
+        (tp,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            return f"must be a list of {_TYPE_NAMES[args[0]].removeprefix('an ').removeprefix('a ')}s, got {value!r}"
+        return next((p for p in (_type_problem(args[0], v) for v in value) if p), "")
+    # bool is an int subclass: true is not a count; an int is a fine float.
+    ok = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[tp]
+    if isinstance(value, bool) and tp is not bool or not isinstance(value, ok):
+        return f"must be {_TYPE_NAMES[tp]}, got {value!r}"
+    return ""
+
+
+def _range_problem(rules: dict[str, Any], value: Any) -> str:
+    """Why one scalar breaks a field's rules ('' when it does not)."""
+    choices = rules.get("choices")
+    if choices is not None and value not in choices:
+        return f"{value!r} is not one of {list(choices)}.{suggest(str(value), [str(c) for c in choices])}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if rules.get("name") and value and not is_safe_name(value):
+            return f"{value!r} is not a plain name ({SAFE_NAME_RULE})"
+        return ""
+    for key, fails, text in (("min", lambda b: value < b, "at least"), ("max", lambda b: value > b, "at most"),
+                             ("gt", lambda b: value <= b, "above"), ("lt", lambda b: value >= b, "below")):
+        if key in rules and fails(rules[key]):
+            return f"must be {text} {rules[key]}, got {value!r}"
+    return ""
+
+
+def value_problem(f: dataclasses.Field, tp: Any, value: Any) -> str:
+    """Why ``value`` cannot be field ``f``'s setting ('' when it can): its type, then the
+    rules in the field's metadata -- ``choices``, ``min`` / ``max`` (inclusive), ``gt`` /
+    ``lt`` (exclusive), ``non_empty`` (lists), ``name`` (a plain file name) -- applied to
+    a list's every item; a float must be finite.  Flags and config values alike."""
+    problem = _type_problem(tp, value)
+    if problem or value is None:
+        return problem
+    if isinstance(value, list) and not value and f.metadata.get("non_empty"):
+        return "must not be empty"
+    for item in value if isinstance(value, list) else [value]:
+        problem = _range_problem(f.metadata, item)
+        if problem:
+            return problem
+    return ""
 
 
 class _Parser(HfArgumentParser):
@@ -117,29 +189,39 @@ class _Parser(HfArgumentParser):
     def error(self, message: str):  # noqa: ANN201 -- argparse's signature
         raise ValueError(f"{message} (see --help)")
 
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+        # The validation rules are ours (value_problem), not argparse keywords.
+        shown = copy.copy(f)
+        shown.metadata = types.MappingProxyType({k: v for k, v in f.metadata.items() if k not in RULE_KEYS})
+        HfArgumentParser._parse_dataclass_field(parser, shown)
+
 
 def parse_config(config_cls: type[T], argv: list[str] | None = None) -> T:
     """Parse a stage config: dataclass defaults < ``--config`` JSON sections < CLI flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _Parser(config_cls)
+    # No abbreviated flags: '--conf X' would set --config without its file being read.
+    parser = _Parser(config_cls, allow_abbrev=False)
     config_path = _peek_config(argv)
     if config_path:
         for section in config_cls.SECTIONS:
             parser.set_defaults(**config_defaults(config_path, config_cls, section))
     (cfg,) = parser.parse_args_into_dataclasses(args=argv)
-    check_choices(cfg)
+    check_settings(cfg)
     return cfg
 
 
-def check_choices(cfg: Any) -> None:
-    """Reject a value outside a field's ``choices`` (argparse checks flags, not file defaults)."""
+def check_settings(cfg: Any) -> None:
+    """Apply :func:`value_problem` to every field of a parsed config.
+
+    Config-file values were checked as they were read (naming file, section and key), so
+    a value that fails here came from a flag (or was set in code): the error names it.
+    """
+    hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
-        choices = f.metadata.get("choices")
-        value = getattr(cfg, f.name)
-        for item in (value if isinstance(value, list) else [value]) if choices else []:
-            if item not in choices:
-                raise ValueError(f"--{f.name.replace('_', '-')} {item!r} is not one of {list(choices)}."
-                                 f"{suggest(str(item), [str(c) for c in choices])}")
+        problem = value_problem(f, hints[f.name], getattr(cfg, f.name))
+        if problem:
+            raise ValueError(f"--{f.name.replace('_', '-')}: {problem}")
 
 
 def _peek_config(argv: list[str]) -> str:

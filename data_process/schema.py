@@ -8,6 +8,7 @@ Stage 02 adds ``scores`` (one relevance score per history item, history re-sorte
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 REQUIRED = {"id": str, "user_id": str, "input": str, "output": str, "history": list}
@@ -40,3 +41,21 @@ def make_sample(id: str, user_id: str, input: str, output: str,
     """Build a sample dict in the canonical key order."""
     return {"id": str(id), "user_id": str(user_id), "input": input, "output": output,
             "history": history, **extra}
+
+
+# Ids become folder and file names (a user's adapter folder, a run's tag): a plain name
+# cannot climb out of its folder ("..", "/", an absolute path) or hide (a leading dot).
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@+-]*")
+SAFE_NAME_RULE = "letters, digits and . _ @ + - only, not starting with '.'"
+
+
+def is_safe_name(name: Any) -> bool:
+    """True for a string that names one entry of a folder and nothing outside it."""
+    return isinstance(name, str) and _SAFE_NAME.fullmatch(name) is not None
+
+
+def checked_name(name: Any, where: str, what: str = "user_id") -> str:
+    """``name`` when :func:`is_safe_name`; else ``ValueError`` naming ``where`` and ``what``."""
+    if not is_safe_name(name):
+        raise ValueError(f"{where}: {what} {name!r} cannot name a folder or file ({SAFE_NAME_RULE})")
+    return name

@@ -29,11 +29,11 @@ class EvaluateConfig(StageConfig):
 
     algos: list[str] = field(default_factory=lambda: ["zeroshot", "rag", "steer", "fints", "oppu", "oppu+fints"],
                              metadata={"help": "runs {algo}{tag} of --split to score (missing runs are skipped)"})
-    split: str = field(default="seen_test", metadata={"help": "test split the runs generated"})
-    tag: str = field(default="", metadata={"help": "suffix of the run directories"})
+    split: str = field(default="seen_test", metadata={"name": True, "help": "test split the runs generated"})
+    tag: str = field(default="", metadata={"name": True, "help": "suffix of the run directories"})
     gen_dirs: list[str] = field(default_factory=list, metadata={"help": "explicit run directories (override --algos)"})
     compare: list[str] = field(default_factory=list, metadata={"help": "RUN_A RUN_B: paired bootstrap of B - A"})
-    n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples"})
+    n_boot: int = field(default=2000, metadata={"min": 1, "help": "bootstrap resamples"})
     baseline: str = field(default="rag", metadata={"help": "algorithm the other runs get paired bootstrap "
                                                            "intervals against ('' for none)"})
     plot: bool = field(default=True, metadata={"help": "write a bar chart of the table (PNG)"})

@@ -36,18 +36,18 @@ class ExtractConfig(StageConfig):
     SECTIONS = ("extract_vectors",)
     NOT_IN_FINGERPRINT = StageConfig.NOT_IN_FINGERPRINT | {"batch_size", "chunk_pairs", "pairs_file"}
 
-    layers: list[int] = field(default_factory=lambda: [15], metadata={"help": "decoder layers to read"})
+    layers: list[int] = field(default_factory=lambda: [15], metadata={"min": 0, "non_empty": True, "help": "decoder layers to read"})
     sites: list[str] = field(default_factory=lambda: ["attn", "mlp", "block"],
-                             metadata={"help": "sites to read", "choices": list(SITES)})
+                             metadata={"non_empty": True, "help": "sites to read", "choices": list(SITES)})
     pairs_file: str = field(default="", metadata={"help": "pairs JSONL (default {run_dir}/pairs/pairs.jsonl)"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per forward (each pair is 2 sequences)"})
-    max_answer_tokens: int = field(default=256, metadata={"help": "answers are cut to this many tokens"})
-    chunk_pairs: int = field(default=256, metadata={"help": "pairs per resumable chunk file"})
+    batch_size: int = field(default=16, metadata={"min": 1, "help": "sequences per forward (each pair is 2 sequences)"})
+    max_answer_tokens: int = field(default=256, metadata={"min": 1, "help": "answers are cut to this many tokens"})
+    chunk_pairs: int = field(default=256, metadata={"min": 1, "help": "pairs per resumable chunk file"})
     save_dtype: str = field(default="float16", metadata={"help": "dtype of the saved vectors",
                                                          "choices": ["float16", "bfloat16", "float32"]})
     user_strategies: list[str] = field(default_factory=lambda: ["mean", "pca", "logistic"],
-                                       metadata={"help": "per-user global vectors", "choices": list(USER_STRATEGIES)})
-    max_pairs: int = field(default=0, metadata={"help": "use only the first N pairs (0 = all; for smoke runs)"})
+                                       metadata={"non_empty": True, "help": "per-user global vectors", "choices": list(USER_STRATEGIES)})
+    max_pairs: int = field(default=0, metadata={"min": 0, "help": "use only the first N pairs (0 = all; for smoke runs)"})
 
 
 def load_pairs(path: Path, limit: int) -> list[dict]:

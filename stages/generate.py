@@ -40,12 +40,12 @@ class GenerateConfig(StageConfig):
     NOT_IN_FINGERPRINT = StageConfig.NOT_IN_FINGERPRINT | {"tag", "batch_size", "eval"}
 
     algo: str = field(default="fints", metadata={"help": "generation algorithm", "choices": list(ALGORITHMS)})
-    split: str = field(default="seen_test", metadata={"help": "file name (no .jsonl) in {run_dir}/ranked/"})
-    tag: str = field(default="", metadata={"help": "suffix of the output directory name, e.g. _L15"})
-    history_k: int | None = field(default=None, metadata={"help": "history items in the prompt (default: the task's)"})
-    max_prompt_tokens: int = field(default=DEFAULT_MAX_PROMPT_TOKENS, metadata={"help": "prompt budget in tokens"})
-    layers: list[int] = field(default_factory=lambda: [15], metadata={"help": "layers steered"})
-    sites: list[str] = field(default_factory=lambda: ["attn", "mlp"], metadata={"help": "sites steered",
+    split: str = field(default="seen_test", metadata={"name": True, "help": "file name (no .jsonl) in {run_dir}/ranked/"})
+    tag: str = field(default="", metadata={"name": True, "help": "suffix of the output directory name, e.g. _L15"})
+    history_k: int | None = field(default=None, metadata={"min": 0, "help": "history items in the prompt (default: the task's)"})
+    max_prompt_tokens: int = field(default=DEFAULT_MAX_PROMPT_TOKENS, metadata={"min": 1, "help": "prompt budget in tokens"})
+    layers: list[int] = field(default_factory=lambda: [15], metadata={"min": 0, "non_empty": True, "help": "layers steered"})
+    sites: list[str] = field(default_factory=lambda: ["attn", "mlp"], metadata={"non_empty": True, "help": "sites steered",
                                                                                "choices": list(SITES)})
     alpha: float = field(default=1.0, metadata={"help": "multiplier of attn (and block) vectors"})
     beta: float = field(default=1.0, metadata={"help": "multiplier of mlp vectors"})
@@ -53,18 +53,18 @@ class GenerateConfig(StageConfig):
     positions: str = field(default="all", metadata={"help": "tokens that are steered", "choices": list(POSITIONS)})
     vec_strategy: str = field(default="mean", metadata={"help": "steer: the per-user vector",
                                                         "choices": list(USER_STRATEGIES)})
-    top_pairs: int = field(default=5, metadata={"help": "fints: pairs retrieved and aggregated per query"})
+    top_pairs: int = field(default=5, metadata={"min": 1, "help": "fints: pairs retrieved and aggregated per query"})
     pair_weighting: str = field(default="softmax", metadata={"help": "fints: weighting of the retrieved pairs",
                                                              "choices": list(WEIGHTINGS)})
-    softmax_temperature: float = field(default=0.1, metadata={"help": "fints: softmax temperature of retrieval scores"})
+    softmax_temperature: float = field(default=0.1, metadata={"gt": 0, "help": "fints: softmax temperature of retrieval scores"})
     retriever: str = field(default="bm25", metadata={"help": "fints: pair retrieval", "choices": list(RETRIEVERS)})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "generation length (default: the task's)"})
-    batch_size: int = field(default=8, metadata={"help": "rows per generation batch"})
+    max_new_tokens: int | None = field(default=None, metadata={"min": 1, "help": "generation length (default: the task's)"})
+    batch_size: int = field(default=8, metadata={"min": 1, "help": "rows per generation batch"})
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
-    sampling_temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with --do-sample)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (with --do-sample)"})
+    sampling_temperature: float = field(default=1.0, metadata={"gt": 0, "help": "sampling temperature (with --do-sample)"})
+    top_p: float = field(default=1.0, metadata={"gt": 0, "max": 1, "help": "nucleus sampling mass (with --do-sample)"})
     constrained: bool | None = field(default=None, metadata={"help": "decode only valid calls of the task's call schema (default: the task's)"})
-    limit: int = field(default=0, metadata={"help": "only the first N samples of the split (0: all)"})
+    limit: int = field(default=0, metadata={"min": 0, "help": "only the first N samples of the split (0: all)"})
     plugin: str = field(default="", metadata={"help": "directory of per-user PEFT LoRA adapters <dir>/<user_id>/ "
                                                       "(oppu, oppu+fints: default {run_dir}/lora)"})
     eval: bool = field(default=False, metadata={"help": "run stage 06 on the result"})

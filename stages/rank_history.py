@@ -30,7 +30,7 @@ class RankHistoryConfig(StageConfig):
     NOT_IN_FINGERPRINT = StageConfig.NOT_IN_FINGERPRINT | {"batch_size"}
 
     ranker: str = field(default="bm25", metadata={"help": "history ranker", "choices": list(RANKERS)})
-    batch_size: int = field(default=64, metadata={"help": "texts per batch of the dense encoder"})
+    batch_size: int = field(default=64, metadata={"min": 1, "help": "texts per batch of the dense encoder"})
     encoder: str = field(default="models/all-minilm-l6-v2",
                          metadata={"help": "dense encoder directory (--ranker dense)"})
     on_error: str = field(default="stop", metadata={"help": "what a bad record does", "choices": ON_ERROR})

@@ -26,16 +26,16 @@ class SelectUsersConfig(StageConfig):
     STAGE = "01_select_users"
     SECTIONS = ("select_users",)
 
-    num_users: int = field(default=24, metadata={"help": "number of seen users (training + seen_test)"})
-    num_unseen: int = field(default=8, metadata={"help": "number of test-only (unseen) users"})
-    min_history: int = field(default=5, metadata={"help": "least history items a selected user has"})
-    min_train: int = field(default=2, metadata={"help": "least training samples a seen user has"})
+    num_users: int = field(default=24, metadata={"min": 1, "help": "number of seen users (training + seen_test)"})
+    num_unseen: int = field(default=8, metadata={"min": 0, "help": "number of test-only (unseen) users"})
+    min_history: int = field(default=5, metadata={"min": 0, "help": "least history items a selected user has"})
+    min_train: int = field(default=2, metadata={"min": 0, "help": "least training samples a seen user has"})
     include_history_samples: bool | None = field(
         default=None, metadata={"help": "also make training samples of the users' history items (default: the task's)"})
     history_rate: float = field(
-        default=1.0, metadata={"help": "sparsity: keep this seeded fraction (0, 1] of each seen user's "
+        default=1.0, metadata={"gt": 0, "max": 1, "help": "sparsity: keep this seeded fraction (0, 1] of each seen user's "
                                        "training samples"})
-    val_questions: int = field(default=1, metadata={
+    val_questions: int = field(default=1, metadata={"min": 0, 
         "help": "validation: each seen user's N latest training questions go to seen_val (not train); 0 = none"})
     clusters: bool = field(default=False, metadata={
         "help": "also write seen_test_cluster{0,1,2}.jsonl (fast-changing users: 2 = least similar)"})

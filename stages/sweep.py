@@ -28,9 +28,9 @@ class SweepConfig(GenerateConfig):
     STAGE = "sweep"
     SECTIONS = ("generate", "sweep")
 
-    sweep_layers: list[int] = field(default_factory=lambda: [15], metadata={"help": "layers to try, one at a time"})
+    sweep_layers: list[int] = field(default_factory=lambda: [15], metadata={"min": 0, "non_empty": True, "help": "layers to try, one at a time"})
     sweep_multipliers: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0],
-                                           metadata={"help": "multipliers to try at each layer"})
+                                           metadata={"non_empty": True, "help": "multipliers to try at each layer"})
 
 
 def run(cfg: SweepConfig) -> list[dict]:

@@ -52,22 +52,22 @@ class TrainLoraConfig(StageConfig):
     out_dir: str = field(default="", metadata={"help": "adapter directory (default {run_dir}/lora)"})
     prompt: str = field(default="rag", metadata={"help": "prompt of the examples: the one this generation "
                                                          "algorithm writes", "choices": PROMPTS})
-    history_k: int | None = field(default=None, metadata={"help": "history items in the prompt (default: the "
+    history_k: int | None = field(default=None, metadata={"min": 0, "help": "history items in the prompt (default: the "
                                                                    "task's; keep it equal to 05's)"})
-    max_prompt_tokens: int = field(default=DEFAULT_MAX_PROMPT_TOKENS, metadata={"help": "prompt budget in tokens"})
-    max_answer_tokens: int = field(default=128, metadata={"help": "answer tokens trained on (longer answers are cut)"})
-    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
-    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA scaling alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    max_prompt_tokens: int = field(default=DEFAULT_MAX_PROMPT_TOKENS, metadata={"min": 1, "help": "prompt budget in tokens"})
+    max_answer_tokens: int = field(default=128, metadata={"min": 1, "help": "answer tokens trained on (longer answers are cut)"})
+    rank: int = field(default=8, metadata={"min": 1, "help": "LoRA rank r"})
+    lora_alpha: float = field(default=8.0, metadata={"gt": 0, "help": "LoRA scaling alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"min": 0, "lt": 1, "help": "dropout on the LoRA input"})
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"],
-                                      metadata={"help": "module names that get adapters"})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant, no weight decay)"})
-    epochs: int = field(default=2, metadata={"help": "passes over each user's samples"})
-    batch_size: int = field(default=4, metadata={"help": "examples per optimisation step"})
+                                      metadata={"non_empty": True, "help": "module names that get adapters"})
+    lr: float = field(default=1e-4, metadata={"gt": 0, "help": "AdamW learning rate (constant, no weight decay)"})
+    epochs: int = field(default=2, metadata={"min": 1, "help": "passes over each user's samples"})
+    batch_size: int = field(default=4, metadata={"min": 1, "help": "examples per optimisation step"})
     base: bool = field(default=False, metadata={"help": "first train a shared adapter on remain_train and start "
                                                         "every user from it (OPPU's first step)"})
-    base_limit: int = field(default=0, metadata={"help": "--base: only the first N remain_train samples (0: all)"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+    base_limit: int = field(default=0, metadata={"min": 0, "help": "--base: only the first N remain_train samples (0: all)"})
+    threads: int = field(default=0, metadata={"min": 0, "help": "CPU threads for torch (0 = torch's default)"})
 
 
 def adapter_dir(cfg: Any) -> Path:

@@ -35,15 +35,15 @@ class TrainSasrecConfig(StageConfig):
     SECTIONS = ("train_sasrec",)
 
     out_dir: str = field(default="", metadata={"help": "checkpoint directory (default {run_dir}/pwab_env/sasrec)"})
-    hidden: int = field(default=64, metadata={"help": "embedding and hidden size"})
-    blocks: int = field(default=2, metadata={"help": "self-attention blocks"})
-    heads: int = field(default=2, metadata={"help": "attention heads (must divide hidden)"})
-    max_len: int = field(default=50, metadata={"help": "longest input sequence (older items are cut)"})
-    dropout: float = field(default=0.2, metadata={"help": "dropout rate"})
-    epochs: int = field(default=200, metadata={"help": "passes over all user sequences"})
-    batch_size: int = field(default=128, metadata={"help": "user sequences per step"})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default; 1 is fastest "
+    hidden: int = field(default=64, metadata={"min": 1, "help": "embedding and hidden size"})
+    blocks: int = field(default=2, metadata={"min": 1, "help": "self-attention blocks"})
+    heads: int = field(default=2, metadata={"min": 1, "help": "attention heads (must divide hidden)"})
+    max_len: int = field(default=50, metadata={"min": 1, "help": "longest input sequence (older items are cut)"})
+    dropout: float = field(default=0.2, metadata={"min": 0, "lt": 1, "help": "dropout rate"})
+    epochs: int = field(default=200, metadata={"min": 1, "help": "passes over all user sequences"})
+    batch_size: int = field(default=128, metadata={"min": 1, "help": "user sequences per step"})
+    lr: float = field(default=1e-3, metadata={"gt": 0, "help": "Adam learning rate"})
+    threads: int = field(default=0, metadata={"min": 0, "help": "CPU threads for torch (0 = torch's default; 1 is fastest "
                                                        "for small models on a busy machine)"})
     on_error: str = field(default="stop", metadata={"help": "what a bad history record does", "choices": ON_ERROR})
 

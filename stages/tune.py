@@ -43,18 +43,18 @@ class TuneConfig(GenerateConfig):
     STAGE = "tune"
     SECTIONS = ("generate", "tune")
 
-    tune_layers: list[int] = field(default_factory=lambda: [10, 15, 20], metadata={"help": "layers tried, one at a time"})
+    tune_layers: list[int] = field(default_factory=lambda: [10, 15, 20], metadata={"min": 0, "non_empty": True, "help": "layers tried, one at a time"})
     tune_multipliers: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0],
-                                          metadata={"help": "multipliers tried at each layer"})
-    tune_top_pairs: list[int] = field(default_factory=lambda: [5], metadata={"help": "fints: top-K pairs tried"})
+                                          metadata={"non_empty": True, "help": "multipliers tried at each layer"})
+    tune_top_pairs: list[int] = field(default_factory=lambda: [5], metadata={"min": 1, "non_empty": True, "help": "fints: top-K pairs tried"})
     tune_temperatures: list[float] = field(default_factory=lambda: [0.1],
-                                           metadata={"help": "fints: softmax temperatures tried"})
+                                           metadata={"gt": 0, "non_empty": True, "help": "fints: softmax temperatures tried"})
     tune_sites: list[str] = field(default_factory=lambda: ["attn+mlp"],
-                                  metadata={"help": "site sets tried", "choices": list(SITE_SETS)})
-    val_split: str = field(default="seen_val", metadata={"help": "split the settings are chosen on"})
+                                  metadata={"non_empty": True, "help": "site sets tried", "choices": list(SITE_SETS)})
+    val_split: str = field(default="seen_val", metadata={"name": True, "help": "split the settings are chosen on"})
     test_splits: list[str] = field(default_factory=lambda: ["seen_test", "seen_test_cluster2"],
-                                   metadata={"help": "splits the tuned methods are tested on (missing ones skipped)"})
-    n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples of the report"})
+                                   metadata={"name": True, "non_empty": True, "help": "splits the tuned methods are tested on (missing ones skipped)"})
+    n_boot: int = field(default=2000, metadata={"min": 1, "help": "bootstrap resamples of the report"})
 
 
 def _point_tag(point: dict[str, Any]) -> str:

@@ -45,10 +45,10 @@ def test_a_config_value_outside_the_choices_is_rejected_too(tmp_path, capsys):
     config = tmp_path / "task.json"
     config.write_text(json.dumps({"task": "lamp4", "generate": {"pair_weighting": "softmx"}}))
     err = fails_with_one_line(capsys, GenerateConfig, lambda cfg: None, ["--config", str(config)])
-    assert "--pair-weighting 'softmx'" in err and "Did you mean 'softmax'" in err
+    assert f"{config}: section 'generate', key 'pair_weighting': 'softmx'" in err and "Did you mean 'softmax'" in err
     config.write_text(json.dumps({"task": "lamp-4"}))
-    assert "Did you mean 'lamp4'" in fails_with_one_line(capsys, GenerateConfig, lambda cfg: None,
-                                                         ["--config", str(config)])
+    assert "top-level key 'task': 'lamp-4'" in fails_with_one_line(
+        capsys, GenerateConfig, lambda cfg: None, ["--config", str(config)])
 
 
 def test_a_missing_data_dir_is_named_and_nothing_is_written(tmp_path, capsys):
