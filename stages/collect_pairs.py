@@ -94,7 +94,7 @@ def run(cfg: CollectPairsConfig) -> dict[str, Any] | None:
     else:
         log.warning("%s missing: other users' items come from train.jsonl only", remain_path)
     model, tok = load_model(model_dir, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
-    writer = PairWriter(stage.out_dir)
+    writer = PairWriter(stage.start())
     try:
         summary = collector(cfg, task, samples, other_samples, model, tok, writer)
     finally:

@@ -56,14 +56,14 @@ def evaluate_run(gen_dir: str | Path, cfg: Any, *, overwrite: bool = False) -> d
     # file (the run was redone) makes them stale, and they are recomputed.
     stage = Stage(EvaluateConfig.STAGE, gen_dir / "eval", asdict(cfg), overwrite=overwrite, inputs=[source],
                   settings={"task": task.name}, redo_changed=True)
-    out = stage.out_dir / "scores.json"
     if stage.done:
-        return read_json(out)
+        return read_json(stage.out_dir / "scores.json")
     records = read_jsonl(source)
     if not records:
         raise ValueError(f"{source}: no generation records to evaluate")
     scores = {"task": task.name, **task.evaluate(records, data_dir=cfg.data_dir, run_dir=gen_dir.parents[2])}
     scores["algo"] = records[0].get("algo")
+    out = stage.start() / "scores.json"
     write_json(out, scores)
     # One line per sample (id, user, metrics): results can be joined and re-analysed.
     samples = stage.out_dir / "per_sample.jsonl"

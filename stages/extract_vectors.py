@@ -80,6 +80,7 @@ def run(cfg: ExtractConfig) -> dict[str, Any] | None:
     prefix = task_of(cfg).response_prefix  # answers are read where generation writes them
     model, tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
     check_layers(find_layers(model), cfg.layers)
+    out_dir = stage.start()
     keys = [f"{site}.{layer}" for layer in cfg.layers for site in cfg.sites]
     settings = {"model": model_name(model), "model_dtype": str(next(model.parameters()).dtype),
                 "pairs_file": str(pairs_path)}

@@ -132,8 +132,9 @@ def run(cfg: GenerateConfig, model=None, tok=None) -> Path:
                           positions=cfg.positions, **decoding_kwargs(task, model, tok, cfg.constrained))
         plugin = _plugin_dir(cfg)
         adapters = UserAdapters(model, plugin, [s["user_id"] for s in samples]) if plugin else None
+        work = stage.start()  # out itself, or out.new for an --overwrite of a previous run
         try:
-            with JsonlWriter(out / "generations.jsonl") as writer:
+            with JsonlWriter(work / "generations.jsonl") as writer:
                 summary = generate_records(model, tok, algo, samples, writer, task=task, algo_name=cfg.algo,
                                            batch_size=cfg.batch_size, gen_kwargs=gen_kwargs, adapters=adapters)
         finally:
@@ -150,7 +151,7 @@ def run(cfg: GenerateConfig, model=None, tok=None) -> Path:
                             len(adapters.missing), plugin, adapters.missing)
         log.info("[05_generate] %s on %s: %d generated, %d resumed -> %s", cfg.algo, cfg.split,
                  summary["n_generated"], summary["n_resumed"], out / "generations.jsonl")
-        stage.finish(inputs=[source, *vectors], outputs=[out / "generations.jsonl"], model=model_name(model), seed=cfg.seed,
+        stage.finish(inputs=[source, *vectors], outputs=[work / "generations.jsonl"], model=model_name(model), seed=cfg.seed,
                      steering=settings.steer.scales if settings.steer else None, **summary)
     if cfg.eval:
         scores = evaluate_run(out, cfg)

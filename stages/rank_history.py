@@ -56,6 +56,7 @@ def run(cfg: RankHistoryConfig) -> dict[str, Any] | None:
 
         encoder = DenseEncoder(cfg.encoder)
     stage = Stage(cfg.STAGE, out_dir, cfg, overwrite=cfg.overwrite, inputs=inputs, model=encoder_dir)
+    out_dir = stage.start()
     counts, cache = {}, {}  # cache: dense embeddings shared by all files of the run
     for name, samples in tqdm(files.items(), desc="files"):
         with JsonlWriter(out_dir / name) as writer:

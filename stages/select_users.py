@@ -98,6 +98,7 @@ def run(cfg: SelectUsersConfig) -> dict[str, Any] | None:
                           cluster_by=cfg.cluster_by, encoder=_encoder(cfg), query=task.query,
                           val_questions=cfg.val_questions)
     stage = Stage(cfg.STAGE, out_dir, cfg, overwrite=cfg.overwrite, inputs=inputs)
+    out_dir = stage.start()
     outputs = [out_dir / f"{name}.jsonl" for name in splits.files]
     for stale in set(out_dir.glob("*.jsonl")) - set(outputs):
         stale.unlink()  # e.g. cluster files of an earlier, unfinished run

@@ -89,6 +89,7 @@ def run(cfg: TrainLoraConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
+    out = stage.start()
     pad_id = tok.pad_token_id
     recipe = LoraRecipe(r=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         target_modules=cfg.target_modules, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size)

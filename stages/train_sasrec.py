@@ -71,6 +71,7 @@ def run(cfg: TrainSasrecConfig) -> dict[str, Any]:
         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=device)
     seconds = round(time.perf_counter() - start, 2)
     curve = [round(x, 4) for x in losses]
+    out_dir = stage.start()
     save_sasrec(model, item_ids, out_dir, losses=curve, seconds=seconds, users=len(sequences))
     shown = curve if len(curve) <= 12 else curve[:6] + ["..."] + curve[-5:]
     log.info("[train_sasrec] loss per epoch: %s", shown)

@@ -151,7 +151,7 @@ def test_the_stage_collects_pairs_with_a_tiny_model_and_skips_when_done(tmp_path
     write_jsonl(tmp_path / "ranked" / "train.jsonl", SAMPLES)
     write_jsonl(tmp_path / "ranked" / "remain_train.jsonl", REMAIN)
     argv = ["--task", "lamp4", "--run-dir", str(tmp_path), "--model", "models/not-this-one",
-            "--collect-model", str(tiny_llama_dir), "--device", "cpu", "--threshold", "1.01",
+            "--collect-model", str(tiny_llama_dir), "--device", "cpu", "--threshold", "1.0",
             "--max-new-tokens", "4", "--batch-size", "4", "--max-samples", "4"]
     run_stage("collect_pairs", argv)
     pairs = read_jsonl(tmp_path / "pairs" / "pairs.jsonl")

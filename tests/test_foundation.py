@@ -107,10 +107,10 @@ class DemoConfig(CommonConfig):
 def test_manifest_is_written_last_and_records_what_the_stage_did(tmp_path):
     cfg = DemoConfig()
     stage = Stage("demo", tmp_path / "s", cfg)
-    assert not stage.done
+    assert not stage.done and not (tmp_path / "s").exists()  # nothing on disk before start()
     inp = tmp_path / "in.json"
     write_json(inp, {"k": 1})
-    out = stage.out_dir / "out.jsonl"
+    out = stage.start() / "out.jsonl"
     out.write_text("{}\n")
     manifest = stage.finish(inputs=[inp], outputs=[out], model="m", seed=3, n_records=1)
     saved = json.loads((stage.out_dir / "manifest.json").read_text())
@@ -120,7 +120,12 @@ def test_manifest_is_written_last_and_records_what_the_stage_did(tmp_path):
     assert "torch" in saved["packages"] and saved["n_records"] == 1
     assert Stage("demo", tmp_path / "s", cfg).done
     again = Stage("demo", tmp_path / "s", cfg, overwrite=True)
-    assert not again.done and not out.exists()
+    assert not again.done and out.exists()  # the previous outputs stay until the redo finishes
+    (again.start() / "new.jsonl").write_text("{}\n")
+    assert again.out_dir == tmp_path / "s.new" and out.exists()
+    again.finish(inputs=[], outputs=[again.out_dir / "new.jsonl"])
+    assert not out.exists() and (tmp_path / "s" / "new.jsonl").exists() and not (tmp_path / "s.new").exists()
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["outputs"][0]["path"] == str(tmp_path / "s" / "new.jsonl")
 
 
 def test_config_precedence_is_defaults_then_top_level_then_section_then_flags(tmp_path):
