@@ -18,6 +18,7 @@ gets a zero row, i.e. exactly RAG, and is listed in :attr:`Prepared.missing_user
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,9 @@ class SteerSpec:
             raise ValueError(f"unknown steering site(s) {bad}; choose from {list(SITES)}")
         if not layers or not sites:
             raise ValueError("steering needs at least one layer (--layers) and one site (--sites)")
+        if not all(math.isfinite(m) for m in [alpha, beta, *(multipliers or [])]):
+            raise ValueError(f"steering multipliers must be finite numbers (--alpha {alpha}, --beta {beta}, "
+                             f"--multipliers {multipliers})")
         if multipliers and len(multipliers) != len(layers):
             raise ValueError(f"--multipliers gives {len(multipliers)} values for {len(layers)} layers "
                              f"{layers}; give one per layer")

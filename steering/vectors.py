@@ -13,13 +13,18 @@ Files (safetensors only; never pickle):
   ``"pca/attn.15/u123"``), shape ``[hidden]``, same ``fints`` metadata.
 
 Loading checks the metadata against the model that will be steered and refuses a
-different model name or hidden size, or a key that was not extracted.
+different model name or hidden size, or a key that was not extracted; every tensor's
+shape against the index (one row per pair, no more, no fewer) and the hidden size; and
+every value (NaN or Inf would silently break generation).  A truncated or corrupt file,
+or a missing or malformed ``fints`` header, is an error naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,14 +52,53 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict) -> No
     os.replace(tmp, path)
 
 
-def _read_meta(path: Path) -> dict:
+META_FIELDS = {"model": str, "hidden_size": int, "keys": list, "dtype": str}  # every vector file's header
+ROUTE = "re-run stage 04 (scripts/04_extract_vectors --overwrite)"
+# Rows checked for NaN/Inf at a time: the store stays lazy, memory does not grow with it.
+CHECK_ROWS = 4096
+
+
+@contextmanager
+def _open(path: Path) -> Iterator:
+    """``safe_open`` whose failures (a truncated or corrupt file) name the file."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file (run `python -m scripts.04_extract_vectors` first)")
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as err:  # noqa: BLE001 -- safetensors raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); {ROUTE}") from None
+    with f:
+        yield f
+
+
+def _read_meta(path: Path, fields: dict[str, type] = META_FIELDS) -> dict:
+    with _open(path) as f:
         raw = (f.metadata() or {}).get("fints")
     if raw is None:
         raise ValueError(f"{path}: not a Fints vector file (no 'fints' metadata in the safetensors header)")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: malformed 'fints' metadata ({err.msg}); {ROUTE}") from None
+    for name, kind in fields.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool):
+            raise ValueError(f"{path}: 'fints' metadata field {name!r} missing or not {kind.__name__}; {ROUTE}")
+    return meta
+
+
+def _check_tensor(path: Path, name: str, tensor, shape: tuple[int, ...]) -> None:
+    """``tensor`` (a safetensors slice) has ``shape`` and only finite values; else an error naming it."""
+    got = tuple(tensor.get_shape())
+    if got != shape:
+        raise ValueError(f"{path}: tensor {name!r} has shape {list(got)}, expected {list(shape)} "
+                         f"({'rows of the index, ' if len(shape) == 2 else ''}hidden size); {ROUTE}")
+    rows = shape[0] if len(shape) == 2 else 1
+    for start in range(0, rows, CHECK_ROWS):
+        part = tensor[start:start + CHECK_ROWS] if len(shape) == 2 else tensor[:]
+        bad = (~torch.isfinite(part.float().reshape(-1, shape[-1]))).any(1).nonzero().flatten()
+        if len(bad):
+            where = f" in row {start + int(bad[0])}" if len(shape) == 2 else ""
+            raise ValueError(f"{path}: tensor {name!r} holds NaN or Inf{where}; {ROUTE}")
 
 
 def check_model(meta: dict, model, path: Path) -> None:
@@ -131,15 +175,23 @@ class VectorStore:
         against ``model`` (name, hidden size) and ``keys`` (must have been extracted).
         No vector is read until :meth:`read` or :meth:`get` asks for it."""
         path = _resolve(path, VECTORS_FILE)
-        meta = _read_meta(path)
+        meta = _read_meta(path, {**META_FIELDS, "n_pairs": int, "index_file": str, "index_sha256": str})
         check_model(meta, model, path)
         check_keys(meta, keys, path)
         index_path = path.parent / meta["index_file"]
         index = read_json(index_path)
-        if len(index) != meta["n_pairs"] or sha256_file(index_path) != meta["index_sha256"]:
+        if (not isinstance(index, list) or len(index) != meta["n_pairs"]
+                or sha256_file(index_path) != meta["index_sha256"]):
             raise ValueError(f"{index_path} does not belong to {path} (row count or checksum differs); "
                              "re-run stage 04 with --overwrite")
-        return cls(meta, index, None, path, list(keys or meta["keys"]))
+        selected = list(keys or meta["keys"])
+        with _open(path) as f:
+            stored = set(f.keys())
+            for key in selected:
+                if key not in stored:
+                    raise ValueError(f"{path}: tensor {key!r} is listed in the metadata but missing; {ROUTE}")
+                _check_tensor(path, key, f.get_slice(key), (len(index), int(meta["hidden_size"])))
+        return cls(meta, index, None, path, selected)
 
     @property
     def keys(self) -> list[str]:
@@ -161,7 +213,7 @@ class VectorStore:
         self._check(key)
         if self.tensors is not None:
             return self.tensors[key][rows]
-        with safe_open(str(self.path), framework="pt") as f:
+        with _open(self.path) as f:
             tensor = f.get_slice(key)
             parts = [tensor[start:stop] for start, stop in _runs(rows)]
         if not parts:
@@ -174,7 +226,7 @@ class VectorStore:
         self._check(key)
         if self.tensors is not None:
             return self.tensors[key].float()
-        with safe_open(str(self.path), framework="pt") as f:
+        with _open(self.path) as f:
             return f.get_tensor(key).float()
 
     def rows_by_user(self) -> dict[str, list[int]]:
@@ -205,15 +257,16 @@ def load_user_vectors(path: str | Path, strategy: str, keys: list[str],
                       model=None) -> dict[str, dict[str, torch.Tensor]]:
     """``{user_id: {key: [hidden] fp32}}`` for one strategy (mean | pca | logistic)."""
     path = _resolve(path, USER_VECTORS_FILE)
-    meta = _read_meta(path)
+    meta = _read_meta(path, {**META_FIELDS, "strategies": list})
     check_model(meta, model, path)
     check_keys(meta, keys, path)
     if strategy not in meta["strategies"]:
         raise ValueError(f"{path}: strategy {strategy!r} not stored; available {meta['strategies']}")
     out: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(path), framework="pt") as f:
+    with _open(path) as f:
         for name in f.keys():
-            s, key, user = name.split("/", 2)  # user ids may contain '/', keys never do
+            s, key, user = (name.split("/", 2) + ["", ""])[:3]  # user ids may contain '/', keys never do
             if s == strategy and key in keys:
+                _check_tensor(path, name, f.get_slice(name), (int(meta["hidden_size"]),))
                 out.setdefault(user, {})[key] = f.get_tensor(name).float()
     return out
