@@ -37,10 +37,23 @@ TRACKED_PACKAGES = ("torch", "transformers", "tokenizers", "numpy", "rank-bm25",
                     "rouge-score", "nltk", "safetensors", "peft")
 
 
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's content; other bytes are an error naming the file and byte offset."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}: byte {err.start} (line {line}) is not UTF-8 ({err.reason}, "
+                         f"{data[err.start:err.start + 1]!r}); save the file as UTF-8") from None
+
+
 def _parse_lines(path: Path) -> Iterator[tuple[int, str, bool]]:
     """Yield (line number, text, is_last) for the non-empty lines of ``path``."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = read_text(path).split("\n")
     # A file written record by record ends with "\n"; text after the last newline is a
     # line whose write was cut off.
     numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
@@ -52,7 +65,9 @@ def read_jsonl(path: str | Path, *, tolerate_torn_tail: bool = True) -> list[dic
     """Read a JSONL file of objects.
 
     A line that is not valid JSON raises ``ValueError`` naming the file and line, except
-    the final line, which a crash may have torn: it is dropped with a warning.
+    the final line, which a crash may have torn: it is dropped with a warning.  That
+    tolerance is for a stage's own partial output; finished inputs are read with
+    :func:`read_finished_jsonl`.
     """
     path = Path(path)
     if not path.exists():
@@ -69,6 +84,30 @@ def read_jsonl(path: str | Path, *, tolerate_torn_tail: bool = True) -> list[dic
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         records.append(record)
+    return records
+
+
+def check_finished(path: str | Path) -> None:
+    """``path``, an output of a finished stage, must be as that stage's manifest recorded it.
+
+    A finished file is never repaired or partly read: an edit, a cut or a copy from
+    another run is an error naming it (files without a manifest beside them pass).
+    """
+    path = Path(path)
+    manifest = path.parent / MANIFEST
+    if not manifest.is_file():
+        return
+    recorded = {Path(o.get("path", "")).name: o.get("sha256") for o in read_json(manifest).get("outputs", [])}
+    if path.name in recorded and sha256_file(path) != recorded[path.name]:
+        raise ValueError(f"{path}: changed since its stage finished (its sha256 differs from the one in {manifest}); "
+                         "restore it, or rerun that stage with --overwrite")
+
+
+def read_finished_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a finished stage's JSONL output strictly: every line must parse (a torn last
+    line is an error naming file and line, not dropped) and match the stage's manifest."""
+    records = read_jsonl(path, tolerate_torn_tail=False)
+    check_finished(path)
     return records
 
 
@@ -89,8 +128,7 @@ class JsonlWriter:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def _rewrite(self, records: list[dict[str, Any]]) -> None:
-        with open(self.path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(self.path)
         # Every finished record ends with "\n"; anything after the last one is torn.
         if text and not text.endswith("\n"):
             tmp = self.path.with_name(self.path.name + ".tmp")
@@ -135,12 +173,8 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     """Read a JSON file; a missing or malformed file is an error naming it."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_process.artifacts import read_json
+from data_process.artifacts import read_json, read_text
 from data_process.records import ErrorLog
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
@@ -64,11 +64,10 @@ def read_records(path: Path, log: ErrorLog) -> Iterator[tuple[str, Any]]:
         for i, rec in enumerate(data):
             yield f"{path}: record {i}", rec
     else:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{number}", json.loads(line)
-                except json.JSONDecodeError as err:
-                    log.report(f"{path}:{number}: malformed JSON ({err.msg})")
+        for number, line in enumerate(read_text(path).split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as err:
+                log.report(f"{path}:{number}: malformed JSON ({err.msg})")

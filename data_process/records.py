@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_process.artifacts import check_finished, read_text
 from data_process.config import choose
 from data_process.schema import validate_sample
 
@@ -63,7 +64,9 @@ class ErrorLog:
             log.warning("skipping bad record: %s", message)
 
     def check(self) -> None:
-        """Raise (stop mode) when anything was reported."""
+        """Raise (stop mode) when anything was reported: one line for one bad record."""
+        if len(self.errors) == 1 and self.on_error == "stop":
+            raise ValueError(f"{self.errors[0]} (fix it, or pass --on-error skip to report and skip bad records)")
         if self.errors and self.on_error == "stop":
             shown = "\n  ".join(self.errors[:20])
             more = f"\n  ... and {len(self.errors) - 20} more" if len(self.errors) > 20 else ""
@@ -94,6 +97,33 @@ def need_id(record: Any, key: str, where: str) -> str:
     return str(need(record, key, (str, int), where))
 
 
+def check_not_empty(samples: list, source: str | Path, what: str) -> None:
+    """An empty split is an error naming its file: it could select no user, score nothing."""
+    if not samples:
+        raise ValueError(f"{source}: no {what} (the file holds none)")
+
+
+class UserIds:
+    """The user ids of a benchmark's files, read with :func:`need_id` but kept apart by JSON type.
+
+    Samples carry string ids, so a raw ``123`` and ``"123"`` would silently become one
+    user; which user was meant cannot be known: an error naming both records.
+    """
+
+    def __init__(self) -> None:
+        self.first: dict[str, tuple[type, str]] = {}
+
+    def read(self, record: Any, key: str, where: str) -> str:
+        user = need_id(record, key, where)
+        kind = type(record[key])
+        first_kind, first_where = self.first.setdefault(user, (kind, where))
+        if kind is not first_kind:
+            raise BadRecord(f"{where}: field {key!r} is {record[key]!r} ({kind.__name__}) but {first_where} has "
+                            f"{user!r} as {first_kind.__name__}: an integer and a string id would merge two users; "
+                            "write every id of a user the same way")
+        return user
+
+
 def need_list(record: Any, key: str, where: str, *, non_empty: bool = False) -> list:
     value = need(record, key, (list,), where)
     if non_empty and not value:
@@ -118,23 +148,23 @@ def read_samples(path: str | Path, log: ErrorLog) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
+    check_finished(path)
     samples, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-                validate_sample(record, where)
-                if record["id"] in seen:
-                    raise BadRecord(f"{where}: record {record['id']!r}: duplicate id")
-            except json.JSONDecodeError as err:
-                log.report(f"{where}: malformed JSON ({err.msg})")
-                continue
-            except ValueError as err:
-                log.report(str(err))
-                continue
-            seen.add(record["id"])
-            samples.append(record)
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+            validate_sample(record, where)
+            if record["id"] in seen:
+                raise BadRecord(f"{where}: record {record['id']!r}: duplicate id")
+        except json.JSONDecodeError as err:
+            log.report(f"{where}: malformed JSON ({err.msg})")
+            continue
+        except ValueError as err:
+            log.report(str(err))
+            continue
+        seen.add(record["id"])
+        samples.append(record)
     return samples

@@ -89,7 +89,7 @@ def run(cfg: CollectPairsConfig) -> dict[str, Any] | None:
     samples = other_samples[:cfg.max_samples] if cfg.max_samples else other_samples
     inputs = [train_path]
     if remain_path.exists():
-        other_samples = other_samples + load_samples(remain_path)
+        other_samples = other_samples + load_samples(remain_path, allow_empty=True)
         inputs.append(remain_path)
     else:
         log.warning("%s missing: other users' items come from train.jsonl only", remain_path)

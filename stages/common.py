@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from data_process.artifacts import MANIFEST, read_jsonl
+from data_process.artifacts import MANIFEST, read_finished_jsonl
 from data_process.config import CommonConfig, stage_dir
+from data_process.records import check_not_empty
 from data_process.schema import validate_sample
 from steering.model import DTYPES
 from tasks import Task, get_task, task_names
@@ -64,6 +65,20 @@ def finished_input(run_dir: str | Path, name: str, script: str) -> Path:
     return path
 
 
-def load_samples(path: Path) -> list[dict]:
-    """Read and validate one split file written by stage 01 or 02."""
-    return [validate_sample(r, f"{path}:{i + 1}") for i, r in enumerate(read_jsonl(path))]
+def load_samples(path: Path, *, allow_empty: bool = False) -> list[dict]:
+    """Read and validate one finished split file of stage 01 or 02.
+
+    Strictly (see :func:`read_finished_jsonl`): a torn or malformed line, an edit since
+    the stage finished, a duplicate sample id or (unless ``allow_empty``) an empty file
+    is an error naming the file -- a sample is never silently lost or generated twice.
+    """
+    samples, first = [], {}
+    for i, record in enumerate(read_finished_jsonl(path)):
+        sample = validate_sample(record, f"{path}:{i + 1}")
+        if first.setdefault(sample["id"], i + 1) != i + 1:
+            raise ValueError(f"{path}:{i + 1}: record {sample['id']!r}: duplicate id (first at record "
+                             f"{first[sample['id']]})")
+        samples.append(sample)
+    if not allow_empty:
+        check_not_empty(samples, path, "samples")
+    return samples

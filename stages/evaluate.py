@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_process.artifacts import Stage, read_json, read_jsonl, write_json, write_jsonl
+from data_process.artifacts import Stage, read_finished_jsonl, read_json, write_json, write_jsonl
 from data_process.config import stage_dir
 from eval import report
 from stages.common import StageConfig, task_of
@@ -58,7 +58,7 @@ def evaluate_run(gen_dir: str | Path, cfg: Any, *, overwrite: bool = False) -> d
                   settings={"task": task.name}, redo_changed=True)
     if stage.done:
         return read_json(stage.out_dir / "scores.json")
-    records = read_jsonl(source)
+    records = read_finished_jsonl(source)
     if not records:
         raise ValueError(f"{source}: no generation records to evaluate")
     scores = {"task": task.name, **task.evaluate(records, data_dir=cfg.data_dir, run_dir=gen_dir.parents[2])}

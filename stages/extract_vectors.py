@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from data_process.artifacts import Stage, read_jsonl
+from data_process.artifacts import Stage, read_finished_jsonl
 from data_process.config import stage_dir
 from stages.common import StageConfig, task_of
 from steering.extract import KINDS, check_finite, check_pair, extract_chunked
@@ -52,7 +52,7 @@ class ExtractConfig(StageConfig):
 
 def load_pairs(path: Path, limit: int) -> list[dict]:
     """Read and check the pairs file (unique pair ids, every field present)."""
-    pairs = read_jsonl(path)
+    pairs = read_finished_jsonl(path)
     seen = set()
     for number, pair in enumerate(pairs, 1):
         check_pair(pair, f"{path} record {number}")

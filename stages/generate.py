@@ -131,7 +131,7 @@ def run(cfg: GenerateConfig, model=None, tok=None) -> Path:
                           temperature=cfg.sampling_temperature, top_p=cfg.top_p, seed=cfg.seed,
                           positions=cfg.positions, **decoding_kwargs(task, model, tok, cfg.constrained))
         plugin = _plugin_dir(cfg)
-        adapters = UserAdapters(model, plugin, [s["user_id"] for s in samples]) if plugin else None
+        adapters = UserAdapters(model, plugin, [s["user_id"] for s in samples], source) if plugin else None
         work = stage.start()  # out itself, or out.new for an --overwrite of a previous run
         try:
             with JsonlWriter(work / "generations.jsonl") as writer:

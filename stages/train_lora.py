@@ -17,7 +17,6 @@ user's test gold is an error.
 from __future__ import annotations
 
 import logging
-import re
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from data_process.artifacts import JsonlWriter, Stage, read_json, read_jsonl, write_json
 from data_process.config import stage_dir
+from data_process.schema import checked_name
 from stages.common import StageConfig, finished_input, load_samples, require, task_of
 from steering.algorithms import AlgoSettings, build_algorithm
 from steering.lora import LoraRecipe, encode_example, mean_loss, save_adapter, train_adapter
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 PROMPTS = ["rag", "zeroshot"]  # the generation algorithms whose prompt an adapter can learn
 PROGRESS = "progress.jsonl"
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*")
 
 
 @dataclass
@@ -97,7 +96,7 @@ def run(cfg: TrainLoraConfig) -> dict[str, Any]:
     base = _train_base(cfg, model, recipe, encode, pad_id, ranked) if cfg.base else None
     by_user: dict[str, list[dict]] = {}
     for s in samples:
-        by_user.setdefault(_checked_name(s["user_id"], source), []).append(s)
+        by_user.setdefault(checked_name(s["user_id"], str(source)), []).append(s)
     with JsonlWriter(out / PROGRESS) as writer:
         done = {r["user_id"] for r in writer.existing if (out / r["user_id"] / "adapter_config.json").exists()}
         log.info("[train_lora] %d users, %d samples (%d users already trained) -> %s",
@@ -167,13 +166,6 @@ def _user_seed(seed: int, user: str) -> int:
     return seed + zlib.crc32(user.encode("utf-8"))
 
 
-def _checked_name(user: str, source: Path) -> str:
-    if not _SAFE_NAME.fullmatch(user):
-        raise ValueError(f"{source}: user_id {user!r} cannot name an adapter directory "
-                         "(letters, digits and . _ @ + - only)")
-    return user
-
-
 def _without_test_leaks(samples: list[dict], source: Path, ranked: Path) -> list[dict]:
     """``samples`` less those whose answer is one of the user's test golds (a warning).
 
@@ -186,7 +178,7 @@ def _without_test_leaks(samples: list[dict], source: Path, ranked: Path) -> list
     test_ids: set[str] = set()
     test_golds: dict[str, set[str]] = {}
     for path in sorted(ranked.glob("*test*.jsonl")):
-        for s in load_samples(path):
+        for s in load_samples(path, allow_empty=True):
             test_ids.add(s["id"])
             test_golds.setdefault(s["user_id"], set()).add(s["output"])
     kept, skipped = [], []

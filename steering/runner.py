@@ -16,6 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from data_process.artifacts import JsonlWriter
+from data_process.schema import checked_name
 from steering.algorithms import ZeroShot
 from steering.generation import generate_batches
 from tasks import Task
@@ -31,12 +32,17 @@ class UserAdapters:
     steering applies on top of the adapter.  Users without an adapter run the base model.
     """
 
-    def __init__(self, model, plugin_dir: str | Path, user_ids: list[str]):
+    def __init__(self, model, plugin_dir: str | Path, user_ids: list[str], source: str | Path = ""):
+        """``source``: the file the user ids come from (named in errors)."""
         from peft import PeftModel
 
         root = Path(plugin_dir)
         if not root.is_dir():
             raise FileNotFoundError(f"--plugin {root}: no such directory")
+        # A user id names the adapter folder: one that is not a plain name ('../x', '/abs',
+        # 'a/b') would load an adapter from outside --plugin.
+        for user in sorted(set(user_ids)):
+            checked_name(user, f"{source} (adapters in --plugin {root})" if source else f"--plugin {root}")
         found = [u for u in sorted(set(user_ids)) if (root / u / "adapter_config.json").exists()]
         if not found:
             raise FileNotFoundError(f"--plugin {root}: no <user_id>/adapter_config.json for any of "

@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 
 from data_process.artifacts import read_json
 from data_process.assemble import assemble
-from data_process.records import BadRecord, Benchmark, ErrorLog, history_items, need_id, need_list, need_str
+from data_process.records import (BadRecord, Benchmark, ErrorLog, UserIds, check_not_empty, history_items, need_id,
+                                  need_list, need_str)
 from data_process.schema import make_sample
 from data_process.timeline import date_key
 from tasks.base import TextTask
@@ -129,7 +130,8 @@ def _read_golds(path: Path, log: ErrorLog) -> dict[str, str]:
     return out
 
 
-def _read_split(q_path: Path, o_path: Path, layout: LampLayout, log: ErrorLog, seen_ids: set[str]) -> list[dict]:
+def _read_split(q_path: Path, o_path: Path, layout: LampLayout, log: ErrorLog, seen_ids: set[str],
+                users: UserIds) -> list[dict]:
     questions, golds = read_json(q_path), _read_golds(o_path, log)
     if not isinstance(questions, list):
         raise ValueError(f"{q_path}: expected a JSON list of questions, got {type(questions).__name__}")
@@ -144,7 +146,7 @@ def _read_split(q_path: Path, o_path: Path, layout: LampLayout, log: ErrorLog, s
             asked.add(qid)
             if isinstance(q, dict) and "user_id" not in q:
                 raise BadRecord(f"{where}: missing field 'user_id': {NO_USER_ID}")
-            user = need_id(q, "user_id", where)
+            user = users.read(q, "user_id", where)
             text = need_str(q, "input", where)
             profile = need_list(q, "profile", where, non_empty=True)
             history = history_items(profile, where, _item_reader(layout))
@@ -207,9 +209,12 @@ def load_lamp(data_dir: str | Path, layout: LampLayout, *, include_history_sampl
     found, files = find_lamp_files(data_dir)
     log = ErrorLog(on_error, data_dir)
     seen: set[str] = set()
-    train = _read_split(*files["train"], layout, log, seen)
-    test = _read_split(*files["dev"], layout, log, seen)
+    users = UserIds()
+    train = _read_split(*files["train"], layout, log, seen, users)
+    test = _read_split(*files["dev"], layout, log, seen, users)
     log.check()
+    for split, samples in (("train", train), ("dev", test)):
+        check_not_empty(samples, files[split][0], f"{split} questions")
     train, test, stats = assemble(train, test, include_history_samples=include_history_samples,
                                   instruction=layout.instruction, content=layout.content)
     return Benchmark(train=train, test=test, errors=log.errors, layout=found, stats=stats)

@@ -28,7 +28,8 @@ from typing import Any
 
 from data_process.assemble import assemble
 from data_process.record_files import SUFFIXES, read_records
-from data_process.records import BadRecord, Benchmark, ErrorLog, history_items, need_id, need_list, need_str
+from data_process.records import (BadRecord, Benchmark, ErrorLog, UserIds, check_not_empty, history_items, need_id,
+                                  need_list, need_str)
 from data_process.schema import make_sample
 from data_process.timeline import date_key
 from tasks.base import TextTask
@@ -117,7 +118,8 @@ def _read_item(raw: Any, where: str) -> dict:
     return item
 
 
-def _read_split(paths: list[Path], split: str, log: ErrorLog, seen: set[tuple[str, str]]) -> list[dict]:
+def _read_split(paths: list[Path], split: str, log: ErrorLog, seen: set[tuple[str, str]],
+                users: UserIds) -> list[dict]:
     samples, i = [], -1
     for path in paths:
         for where, rec in read_records(path, log):
@@ -127,7 +129,7 @@ def _read_split(paths: list[Path], split: str, log: ErrorLog, seen: set[tuple[st
                 has_id = isinstance(rec, dict) and rec.get("id") is not None
                 rid = need_id(rec, "id", where) if has_id else f"{split}-{i}"
                 where = f"{where} (id {rid!r})"
-                user = need_id(rec, "name", where)
+                user = users.read(rec, "name", where)
                 text, gold = need_str(rec, "input", where), need_str(rec, "output", where)
                 history = history_items(need_list(rec, "profile", where, non_empty=True), where, _read_item)
                 if (user, rid) in seen:  # several authors may share a paper's id: scoped later
@@ -175,9 +177,12 @@ def load_longlamp(data_dir: str | Path, *, include_history_samples: bool = True,
     layout, files = find_longlamp_files(data_dir)
     log = ErrorLog(on_error, data_dir)
     seen: set[tuple[str, str]] = set()
-    train = _read_split(files["train"][1], "train", log, seen)
-    test = _read_split(files["test"][1], files["test"][0], log, seen)
+    users = UserIds()
+    train = _read_split(files["train"][1], "train", log, seen, users)
+    test = _read_split(files["test"][1], files["test"][0], log, seen, users)
     log.check()
+    for (name, paths), samples in ((files["train"], train), (files["test"], test)):
+        check_not_empty(samples, ", ".join(map(str, paths)), f"{name} records")
     train, test, stats = assemble(train, test, include_history_samples=include_history_samples,
                                   instruction=abstract_instruction, content=title)
     return Benchmark(train=train, test=test, errors=log.errors, layout=layout, stats=stats)

@@ -33,7 +33,7 @@ from typing import Any
 
 from data_process.artifacts import read_json
 from data_process.config import choose
-from data_process.records import Benchmark, ErrorLog
+from data_process.records import Benchmark, ErrorLog, check_not_empty
 from data_process.schema import make_sample
 from data_process.timeline import sort_by_time
 from eval.pwab_env import default_cache_dir, numbered_parts, product_text
@@ -202,6 +202,8 @@ def load_pwab(data_dir: str | Path, *, include_history_samples: bool = False, on
                 continue
             tasks[split].append((f"{split}-{i}", t))
     errors.check()
+    for split, items in tasks.items():
+        check_not_empty(items, path, f"{split!r} tasks")
     test_gold = {(t["user_id"], _target_id(t)) for _, t in tasks["test"]}
 
     def history_before(uid: str, ts: float, own: str | None = None) -> list[dict[str, Any]]:
