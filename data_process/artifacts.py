@@ -179,6 +179,12 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
 
 
+def run_relative(path: str | Path, run_dir: str | Path) -> str:
+    """``path`` relative to the run folder, as artifacts record it: identical runs give
+    identical files wherever their folders live."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(run_dir).resolve())).as_posix()
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -18,7 +18,7 @@ from data_process.artifacts import Stage, read_jsonl, write_json
 from data_process.config import choose, stage_dir
 from stages.common import StageConfig, load_samples, require, task_of
 from steering.model import load_model, model_name
-from tasks.base import DEFAULT_MAX_PROMPT_TOKENS
+from tasks.base import DEFAULT_MAX_PROMPT_TOKENS, count_cut_inputs
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,12 @@ def run(cfg: CollectPairsConfig) -> dict[str, Any] | None:
     finally:
         writer.close()
     # The done-markers of every run (a resumed one too) give the counts.
-    summary = {**summary, **summarize(read_jsonl(writer.progress_path), {s["user_id"] for s in samples})}
+    summary = {**summary, **summarize(read_jsonl(writer.progress_path), {s["user_id"] for s in samples}),
+               "prompts_cut": count_cut_inputs(task, samples, tok, cfg.max_prompt_tokens, cfg.STAGE)}
     summary_path = stage.out_dir / "summary.json"
     write_json(summary_path, summary)
     _report(summary)
     return stage.finish(inputs=inputs, outputs=[writer.pairs_path, writer.progress_path, summary_path],
                         model=model_name(model), seed=cfg.seed, collect_model=str(model_dir),
-                        totals=summary.get("totals"), users_without_pairs=summary.get("users_without_pairs"))
+                        totals=summary.get("totals"), users_without_pairs=summary.get("users_without_pairs"),
+                        prompts_cut=summary["prompts_cut"])

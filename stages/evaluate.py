@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_process.artifacts import Stage, read_finished_jsonl, read_json, write_json, write_jsonl
+from data_process.artifacts import Stage, read_finished_jsonl, read_json, run_relative, write_json, write_jsonl
 from data_process.config import stage_dir
 from eval import report
 from stages.common import StageConfig, task_of
@@ -91,7 +91,8 @@ def compare(cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
     scores_a, scores_b = (evaluate_run(d, cfg, overwrite=cfg.overwrite) for d in (a, b))
     result = report.compare_scores(scores_a, scores_b, n_boot=cfg.n_boot, seed=cfg.seed)
     log.info(report.format_comparison(a.name, b.name, result))
-    write_json(b / "eval" / f"compare_vs_{a.name}.json", {"a": str(a), "b": str(b), "bootstrap": result})
+    where = {"a": run_relative(a, cfg.run_dir), "b": run_relative(b, cfg.run_dir)}
+    write_json(b / "eval" / f"compare_vs_{a.name}.json", {**where, "bootstrap": result})
     return result
 
 

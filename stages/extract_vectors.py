@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from data_process.artifacts import Stage, read_finished_jsonl
+from data_process.artifacts import Stage, read_finished_jsonl, run_relative
 from data_process.config import stage_dir
 from stages.common import StageConfig, task_of
 from steering.extract import KINDS, check_finite, check_pair, extract_chunked
@@ -83,7 +83,7 @@ def run(cfg: ExtractConfig) -> dict[str, Any] | None:
     out_dir = stage.start()
     keys = [f"{site}.{layer}" for layer in cfg.layers for site in cfg.sites]
     settings = {"model": model_name(model), "model_dtype": str(next(model.parameters()).dtype),
-                "pairs_file": str(pairs_path)}
+                "pairs_file": run_relative(pairs_path, cfg.run_dir)}
     if pairs:
         acts = extract_chunked(model, tok, pairs, keys, out_dir / "chunks", settings, cfg.chunk_pairs,
                                cfg.batch_size, cfg.max_answer_tokens, prefix)
@@ -92,7 +92,7 @@ def run(cfg: ExtractConfig) -> dict[str, Any] | None:
     meta = {"model": model_name(model), "hidden_size": hidden_size(model),
             "num_layers": len(find_layers(model)), "layers": cfg.layers, "sites": cfg.sites,
             "settings": {"batch_size": cfg.batch_size, "max_answer_tokens": cfg.max_answer_tokens,
-                         "model_dtype": settings["model_dtype"], "pairs_file": str(pairs_path),
+                         "model_dtype": settings["model_dtype"], "pairs_file": settings["pairs_file"],
                          "response_prefix": prefix,
                          "reduction": "mean over answer tokens, chosen minus rejected"}}
     dtype = DTYPES[cfg.save_dtype]

@@ -24,7 +24,7 @@ from steering.hooks import SITES
 from steering.model import check_layers, find_layers, load_model, model_name
 from steering.runner import UserAdapters, generate_records
 from steering.user_vectors import USER_STRATEGIES
-from tasks.base import DEFAULT_MAX_PROMPT_TOKENS
+from tasks.base import DEFAULT_MAX_PROMPT_TOKENS, count_cut_inputs
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ def run(cfg: GenerateConfig, model=None, tok=None) -> Path:
         finally:
             if adapters is not None:
                 adapters.close()
+        summary["prompts_cut"] = count_cut_inputs(task, samples, tok, cfg.max_prompt_tokens, cfg.STAGE)
         if summary["users_without_vectors"]:
             log.warning("[05_generate] %d user(s) have no steering vectors (no pairs: unseen users, or all their "
                         "tries were dropped); their rows ran as plain RAG: %s",

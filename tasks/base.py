@@ -9,11 +9,14 @@ Nothing outside ``tasks/`` knows which benchmark it runs.
 :class:`TextTask` is the shape of the text-generation tasks (LaMP-4, LaMP-5, LongLaMP):
 a header and one line per history item above the question; the prompt is fitted to a
 token budget by shortening the items' long fields first and dropping the least relevant
-items next; the question itself is never cut.
+items next.  A question that alone exceeds the budget (a 5 MB article) is cut from the
+end of the sample's text, its instruction kept (:func:`fit_text`); stages count such
+prompts (:meth:`Task.input_cut`) in their summary.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,8 +24,13 @@ from typing import Any, ClassVar
 from data_process.records import Benchmark
 from eval.report import TEXT_METRICS, score_records
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MAX_PROMPT_TOKENS = 1024
 MIN_ITEM_TOKENS = 8  # a history item shorter than this says nothing useful: drop it instead
+# A text with this many characters per token of the budget is over it (tokens are rarely
+# longer), so only that much of a huge text is tokenized.
+MAX_TOKEN_CHARS = 32
 
 
 class Task:
@@ -62,6 +70,11 @@ class Task:
         """The user message for ``sample`` with ``history`` items (most relevant first) above it."""
         raise NotImplementedError
 
+    def input_cut(self, sample: dict[str, Any], tokenizer=None,
+                  max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> bool:
+        """Whether :meth:`prompt` cuts the sample's own text: without any history it is over budget."""
+        return False
+
     def postprocess(self, text: str) -> str:
         """The answer in a generated text (what is scored and compared with the gold)."""
         return (text or "").strip()
@@ -69,6 +82,15 @@ class Task:
     def evaluate(self, records: list[dict[str, Any]], *, data_dir: str, run_dir: Path) -> dict[str, Any]:
         """Scores of a run's generation records: ``overall``, ``per_user``, ``per_sample``, ..."""
         return score_records(records)
+
+
+def count_cut_inputs(task: Task, samples: list[dict[str, Any]], tokenizer, budget: int, stage: str) -> int:
+    """How many of ``samples`` get prompts whose own text is cut (:meth:`Task.input_cut`), logged."""
+    n = sum(task.input_cut(s, tokenizer, budget) for s in samples)
+    if n:
+        log.warning("[%s] %d of %d prompt(s) were cut: the sample's text alone exceeds --max-prompt-tokens %d "
+                    "(cut from its end; no history fits)", stage, n, len(samples), budget)
+    return n
 
 
 def token_counter(tokenizer) -> Callable[[str], int]:
@@ -88,6 +110,26 @@ def shorten(text: str, n_tokens: int, tokenizer) -> str:
         return text
     mark = len(tokenizer(" ...", add_special_tokens=False)["input_ids"])
     return tokenizer.decode(ids[:max(n_tokens - mark, 1)]).rstrip() + " ..."
+
+
+def fit_text(text: str, render: Callable[[str], str], tokenizer, budget: int) -> tuple[str, bool]:
+    """``(render(text), False)`` when it fits ``budget`` tokens; else ``(render(cut), True)``
+    with ``text`` cut from its end (" ..." marks the cut) until it fits.  What ``render``
+    adds around the text is never cut."""
+    count = token_counter(tokenizer)
+    head = text[: budget * MAX_TOKEN_CHARS]
+    if head != text and count(render(head)) > budget:
+        text = head  # surely over budget: cut the head only (tokenizing megabytes takes seconds)
+    rendered = render(text)
+    over = count(rendered) - budget
+    if over <= 0:
+        return rendered, False
+    n = count(text) - over - 2  # 2: re-tokenizing joined text may add a token
+    while over > 0 and n > 1:
+        rendered = render(shorten(text, n, tokenizer))
+        over = count(rendered) - budget
+        n -= max(over, 1)
+    return (rendered if over <= 0 else render(shorten(text, 1, tokenizer))), True
 
 
 class TextTask(Task):
@@ -111,12 +153,15 @@ class TextTask(Task):
     def prompt(self, sample, history, tokenizer=None, max_prompt_tokens=DEFAULT_MAX_PROMPT_TOKENS) -> str:
         if "input" not in sample:
             raise ValueError(f"sample {sample.get('id', '?')!r}: missing field 'input'")
-        question = self.question(sample["input"])
+        question, _ = fit_text(sample["input"], self.question, tokenizer, max_prompt_tokens)
         try:
             pairs = [self.fields(item) for item in history]
         except KeyError as err:
             raise ValueError(f"sample {sample.get('id', '?')!r}: a history item lacks field {err}") from None
         return self._fit(question, pairs, tokenizer, max_prompt_tokens)
+
+    def input_cut(self, sample, tokenizer=None, max_prompt_tokens=DEFAULT_MAX_PROMPT_TOKENS) -> bool:
+        return fit_text(sample["input"], self.question, tokenizer, max_prompt_tokens)[1]
 
     def _render(self, question: str, lines: list[str]) -> str:
         if not lines:

@@ -39,7 +39,7 @@ from data_process.timeline import sort_by_time
 from eval.pwab_env import default_cache_dir, numbered_parts, product_text
 from eval.pwab_eval import PWAB_METRICS, evaluate_pwab
 from eval.pwab_tools import MAX_SEQUENCE, TOOLS, TYPES, ToolCall, format_tool_call, parse_tool_call
-from tasks.base import DEFAULT_MAX_PROMPT_TOKENS, Task, token_counter
+from tasks.base import DEFAULT_MAX_PROMPT_TOKENS, Task, fit_text, token_counter
 
 def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -291,17 +291,25 @@ def _render(sample: dict[str, Any], lines: list[str]) -> str:
     return "\n".join(parts)
 
 
+def _fit_request(sample: dict[str, Any], tokenizer, budget: int) -> tuple[str, bool]:
+    return fit_text(sample["input"], lambda text: _render({**sample, "input": text}, []), tokenizer, budget)
+
+
 def build_pwab_prompt(sample: dict[str, Any], history: list[dict[str, Any]], tokenizer=None,
                       max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, review_words: int = 40) -> str:
     """Function-calling user message: the three tools, history (most relevant first), request.
 
     Each history item shows asin, title, category, rating and the (shortened) review.  To
     fit ``max_prompt_tokens`` (counted with ``tokenizer``, else whitespace words) the least
-    relevant items are dropped first; the tools and request are never cut.
+    relevant items are dropped first; the tools are never cut, and a request that alone
+    exceeds the budget is cut from its end (:func:`tasks.base.fit_text`).
     """
     if not isinstance(sample.get("input"), str):
         raise ValueError(f"sample {sample.get('id', '?')!r}: missing field 'input'")
     count = token_counter(tokenizer)
+    request, cut = _fit_request(sample, tokenizer, max_prompt_tokens)
+    if cut:  # the request alone is over budget: no room for history
+        return request
     lines = [_item_line(n, h, review_words) for n, h in enumerate(history, 1)]
     prompt = _render(sample, lines)
     while lines and count(prompt) > max_prompt_tokens:
@@ -333,6 +341,9 @@ class PersonalWab(Task):
 
     def prompt(self, sample, history, tokenizer=None, max_prompt_tokens=DEFAULT_MAX_PROMPT_TOKENS) -> str:
         return build_pwab_prompt(sample, history, tokenizer, max_prompt_tokens)
+
+    def input_cut(self, sample, tokenizer=None, max_prompt_tokens=DEFAULT_MAX_PROMPT_TOKENS) -> bool:
+        return _fit_request(sample, tokenizer, max_prompt_tokens)[1]
 
     def postprocess(self, text: str) -> str:
         """The canonical JSON of the generated call, else the stripped text.

@@ -55,12 +55,13 @@ def test_longlamp_prompt_asks_for_the_abstract_of_the_title_and_lists_abstracts(
 
 
 @pytest.mark.parametrize("budget", [40, 80, 150, 300])
-def test_truncation_fits_the_budget_and_never_cuts_the_question(tiny_llama, budget):
+def test_truncation_fits_the_budget_and_cuts_the_question_only_when_it_alone_is_over(tiny_llama, budget):
     _, tok = tiny_llama
     question = build_prompt("lamp4", LAMP_SAMPLE, [], tok)
     prompt = build_prompt("lamp4", LAMP_SAMPLE, HISTORY, tok, max_prompt_tokens=budget)
-    assert prompt.endswith(question)
-    assert count(tok, prompt) <= max(budget, count(tok, question))
+    assert count(tok, prompt) <= budget
+    assert prompt.endswith(question) == (count(tok, question) <= budget)
+    assert get_task("lamp4").input_cut(LAMP_SAMPLE, tok, budget) == (count(tok, question) > budget)
 
 
 def test_history_is_shortened_before_items_are_dropped(tiny_llama):
@@ -79,9 +80,19 @@ def test_least_relevant_items_are_dropped_first_under_a_tight_budget(tiny_llama)
     assert kept == list(range(len(kept))) and 0 < len(kept) < 5
 
 
-def test_a_question_longer_than_the_budget_is_kept_whole_without_history():
-    prompt = build_prompt("lamp4", LAMP_SAMPLE, HISTORY, max_prompt_tokens=3)
-    assert prompt == build_prompt("lamp4", LAMP_SAMPLE, [])
+@pytest.mark.parametrize("task, budget", [("lamp4", 200), ("longlamp", 200), ("pwab", 1200)])
+def test_a_huge_question_is_cut_from_the_end_of_the_article_keeping_the_instruction(tiny_llama, task, budget):
+    _, tok = tiny_llama
+    words = [f"w{i}" for i in range(400_000)]  # ~2.5 MB of text
+    text = {"lamp4": "Generate a headline for the following article: ",
+            "longlamp": 'Generate an abstract for the title "', "pwab": ""}[task] + " ".join(words)
+    sample = {**(LONG_SAMPLE if task == "longlamp" else LAMP_SAMPLE), "input": text}
+    prompt = build_prompt(task, sample, HISTORY, tok, max_prompt_tokens=budget)
+    assert budget - 50 < count(tok, prompt) <= budget and get_task(task).input_cut(sample, tok, budget)
+    assert "w0 w1 w2" in prompt and " .." in prompt and "w399999" not in prompt  # the end is cut
+    assert "title 0" not in prompt  # the question took the whole budget: no history
+    ending = {"lamp4": "Write only the headline.", "longlamp": "Write only the abstract.", "pwab": "User request:"}
+    assert ending[task] in prompt and not get_task(task).input_cut(LAMP_SAMPLE, tok, budget)
 
 
 def test_word_counts_stand_in_for_tokens_without_a_tokenizer():
