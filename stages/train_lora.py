@@ -85,6 +85,9 @@ def run(cfg: TrainLoraConfig) -> dict[str, Any]:
     ranked = finished_input(cfg.run_dir, "ranked", "02_rank_history")
     source = ranked / "train.jsonl"
     samples = _without_test_leaks(load_samples(source), source, ranked)
+    by_user: dict[str, list[dict]] = {}
+    for s in samples:
+        by_user.setdefault(checked_name(s["user_id"], str(source)), []).append(s)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
@@ -94,9 +97,6 @@ def run(cfg: TrainLoraConfig) -> dict[str, Any]:
                         target_modules=cfg.target_modules, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size)
     encode = _encoder(cfg, task, tok)
     base = _train_base(cfg, model, recipe, encode, pad_id, ranked) if cfg.base else None
-    by_user: dict[str, list[dict]] = {}
-    for s in samples:
-        by_user.setdefault(checked_name(s["user_id"], str(source)), []).append(s)
     with JsonlWriter(out / PROGRESS) as writer:
         done = {r["user_id"] for r in writer.existing if (out / r["user_id"] / "adapter_config.json").exists()}
         log.info("[train_lora] %d users, %d samples (%d users already trained) -> %s",
