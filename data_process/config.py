@@ -4,8 +4,10 @@ A task config (``configs/<task>.json``) holds the fields every stage shares at i
 level (see :class:`CommonConfig`) and one section per stage, named by the config class's
 ``SECTIONS`` (``select_users``, ``rank_history``, ...).  Precedence, lowest first:
 dataclass defaults < top-level keys < the stage's sections (in order) < CLI flags.  A key
-that the stage does not know is an error naming the file and the key; a field whose
-metadata lists ``choices`` rejects other values, from the file as from the command line.
+that the stage does not know is an error naming the file and the key.  Every value is
+validated by one set of rules (:func:`value_problem`: the field's type, and its metadata's
+``choices``, ranges, non-empty lists, plain names; floats finite), applied alike to a
+config value (the error names file, section and key) and to a flag (it names the flag).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import argparse
 import copy
 import dataclasses
 import difflib
-import os
 import math
+import os
 import sys
 import types
 import typing
@@ -122,6 +124,7 @@ def config_defaults(path: str | Path, config_cls: type, section: str) -> dict[st
 
 RULE_KEYS = ("min", "max", "gt", "lt", "non_empty", "name")  # field metadata read by value_problem
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_PLURALS = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
 
 
 def _type_problem(tp: Any, value: Any) -> str:
@@ -134,7 +137,7 @@ def _type_problem(tp: Any, value: Any) -> str:
         args = typing.get_args(tp)
     if typing.get_origin(tp) is list:
         if not isinstance(value, list):
-            return f"must be a list of {_TYPE_NAMES[args[0]].removeprefix('an ').removeprefix('a ')}s, got {value!r}"
+            return f"must be a list of {_PLURALS[args[0]]}, got {value!r}"
         return next((p for p in (_type_problem(args[0], v) for v in value) if p), "")
     # bool is an int subclass: true is not a count; an int is a fine float.
     ok = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[tp]
