@@ -107,7 +107,8 @@ class UserIds:
     """The user ids of a benchmark's files, read with :func:`need_id` but kept apart by JSON type.
 
     Samples carry string ids, so a raw ``123`` and ``"123"`` would silently become one
-    user; which user was meant cannot be known: an error naming both records.
+    user.  Which user was meant cannot be known, so no record can be skipped to fix it:
+    the stage stops (whatever ``--on-error``) naming both records.
     """
 
     def __init__(self) -> None:
@@ -118,7 +119,7 @@ class UserIds:
         kind = type(record[key])
         first_kind, first_where = self.first.setdefault(user, (kind, where))
         if kind is not first_kind:
-            raise BadRecord(f"{where}: field {key!r} is {record[key]!r} ({kind.__name__}) but {first_where} has "
+            raise ValueError(f"{where}: field {key!r} is {record[key]!r} ({kind.__name__}) but {first_where} has "
                             f"{user!r} as {first_kind.__name__}: an integer and a string id would merge two users; "
                             "write every id of a user the same way")
         return user
