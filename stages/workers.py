@@ -189,7 +189,7 @@ class _Worker:
         return self.job.run(chunk)
 
 
-def _connect(cfg: WorkersConfig) -> bool:
+def connect(cfg: WorkersConfig) -> bool:
     """Start or join Ray unless this process already did; True when this call connected."""
     import ray
 
@@ -233,7 +233,7 @@ def _on_ray(job: Job, chunks: list[Chunk], cfg: WorkersConfig) -> Iterator[tuple
     import ray
     from ray.exceptions import RayActorError
 
-    connected = _connect(cfg)
+    connected = connect(cfg)
     actors = []
     try:
         _check_resources(cfg)
