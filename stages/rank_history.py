@@ -104,7 +104,7 @@ def run(cfg: RankHistoryConfig) -> dict[str, Any] | None:
         _rank_dense(cfg, files, out_dir)
     else:
         if cfg.workers > 1:
-            log.warning("[%s] --workers applies to --ranker dense; %s ranks in this process", cfg.STAGE, cfg.ranker)
+            log.info("[%s] --workers applies to --ranker dense; %s ranks in this process", cfg.STAGE, cfg.ranker)
         for name, samples in tqdm(files.items(), desc="files"):
             with JsonlWriter(out_dir / name) as writer:
                 done = {r["id"] for r in writer.existing}
