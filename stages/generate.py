@@ -213,8 +213,9 @@ def run(cfg: GenerateConfig, model=None, tok=None) -> Path:
                             len(no_adapter), plugin, no_adapter)
         log.info("[05_generate] %s on %s: %d generated, %d resumed -> %s", cfg.algo, cfg.split,
                  summary["n_generated"], summary["n_resumed"], path)
-        stage.finish(inputs=[source, *vectors], outputs=[path], model=model_name(model) if model else Path(cfg.model).name,
-                     seed=cfg.seed, steering=spec.scales if spec else None, **summary)
+        name = model_name(model) if model is not None else Path(cfg.model).name
+        stage.finish(inputs=[source, *vectors], outputs=[path], model=name, seed=cfg.seed,
+                     steering=spec.scales if spec else None, **summary)
     if cfg.eval:
         scores = evaluate_run(out, cfg)
         log.info("[06_evaluate] %s: %s", cfg.algo, scores.get("overall"))

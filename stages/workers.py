@@ -260,7 +260,8 @@ def _on_ray(job: Job, chunks: list[Chunk], cfg: WorkersConfig) -> Iterator[tuple
             except RayActorError as err:
                 users = sorted({u for c in plan[w] if c.index in left[w] for u in c.users})
                 raise WorkerFailed(
-                    f"worker {w} died and was restarted {cfg.worker_retries} time(s) (--worker-retries); its "
+                    f"worker {w} died (or could not start) and was restarted {cfg.worker_retries} time(s) "
+                    f"(--worker-retries); its "
                     f"unfinished chunks were not computed, users: {', '.join(users)}. What finished is written: "
                     f"rerun the stage to resume. Last error: {err}") from None
             left[w].discard(chunk.index)
