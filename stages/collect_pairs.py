@@ -90,12 +90,17 @@ class _ChunkPairs:
 
 
 class CollectJob:
-    """Stage 03 on one worker: the collecting model loaded once, the task's collector per chunk."""
+    """Stage 03 on one worker: the collecting model loaded once, the task's collector per chunk.
 
-    def __init__(self, cfg: CollectPairsConfig, other_samples: list[dict]):
-        self.cfg, self.other_samples = cfg, other_samples
+    A worker reads the other users' samples from the input files itself (the driver sends
+    paths, not data: every worker sees the run directory).
+    """
+
+    def __init__(self, cfg: CollectPairsConfig, inputs: list[Path]):
+        self.cfg, self.inputs = cfg, [Path(p).resolve() for p in inputs]
 
     def setup(self, users: list[str]) -> None:
+        self.other_samples = [s for path in self.inputs for s in load_samples(path)]
         self.task = task_of(self.cfg)
         self.collector = choose("pair collector", self.task.pair_collector, COLLECTORS)
         self.model, self.tok = load_model(self.cfg.collect_model or self.cfg.model, self.cfg.device, self.cfg.dtype,
@@ -122,11 +127,12 @@ def run(cfg: CollectPairsConfig) -> dict[str, Any] | None:
                   inputs=[p for p in (train_path, remain_path) if p.exists()], model=model_dir)
     if stage.done:
         return None
-    other_samples = load_samples(train_path)  # every user's samples, also past --max-samples
-    samples = other_samples[:cfg.max_samples] if cfg.max_samples else other_samples
+    samples = load_samples(train_path)
+    samples = samples[:cfg.max_samples] if cfg.max_samples else samples
+    # Other users' items (every training sample, also past --max-samples, and remain_train):
+    # read by each worker from these files.
     inputs = [train_path]
     if remain_path.exists():
-        other_samples = other_samples + load_samples(remain_path)
         inputs.append(remain_path)
     else:
         log.warning("%s missing: other users' items come from train.jsonl only", remain_path)
@@ -134,7 +140,7 @@ def run(cfg: CollectPairsConfig) -> dict[str, Any] | None:
     try:
         chunks = user_chunks(samples, lambda s: s["user_id"], cfg.samples_per_chunk)
         todo = [c for c in chunks if any(s["id"] not in writer.done_ids for s in c.items)]
-        job = CollectJob(absolute_paths(cfg), other_samples)
+        job = CollectJob(absolute_paths(cfg), inputs)
         done = len(samples) - sum(len(c.items) for c in todo)
         for _, (pairs, markers) in run_chunks(job, todo, cfg, desc="03 collect pairs", total=len(samples), done=done):
             by_sample: dict[str, list[dict]] = {}
