@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,7 +187,11 @@ class _Worker:
         job.setup(users)
 
     def run(self, chunk: Chunk) -> Any:
-        return self.job.run(chunk)
+        start = time.perf_counter()
+        result = self.job.run(chunk)
+        log.info("chunk %d: %d items of %s in %.1f s", chunk.index, len(chunk.items), ", ".join(chunk.users),
+                 time.perf_counter() - start)
+        return result
 
 
 def connect(cfg: WorkersConfig) -> bool:
