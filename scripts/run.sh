@@ -65,4 +65,4 @@ done
 echo "Seconds per stage (a stage that was already finished shows its skip time):"
 awk -F'\t' '{ printf "  %-32s %7.1f s\n", $1, $2; total += $2 } END { printf "  %-32s %7.1f s\n", "total", total }' "$TIMES"
 # shellcheck disable=SC2086
-"$PY" -m scripts.report --config "$CONFIG" --splits $SPLITS
+"$PY" -m scripts.report --config "$CONFIG" "${EXTRA[@]}" --splits $SPLITS
