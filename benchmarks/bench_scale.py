@@ -32,7 +32,7 @@ import torch
 
 from data_process.config import parse_config
 from stages import collect_pairs, generate, rank_history, select_users
-from stages.workers import WorkersConfig, connect
+from stages.workers import Chunk, WorkersConfig, connect
 from steering.model import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +75,7 @@ def _ray_overhead(threads: int) -> dict[str, float]:
     remote = ray.remote(_Worker).options(num_cpus=threads)
     start = time.perf_counter()
     actors = [remote.remote(_LoadOnly(str(MODEL)), [], threads, "WARNING") for _ in range(2)]
-    ray.get([a.run.remote(None) for a in actors])
+    ray.get([a.run.remote(Chunk(0, [], [], [])) for a in actors])  # answers once set up
     workers = time.perf_counter() - start
     for actor in actors:
         ray.kill(actor)

@@ -1,6 +1,6 @@
 """Stages 03, 04 and 05 (and 02's dense ranker) on Ray workers give the files of one process.
 
-Every test here starts or joins Ray (about 10 s each time), so the module is marked
+Every test here starts or joins Ray and Ray workers (each 10 s or more on 2 cores), so it is marked
 ``ray`` (``pytest -m "not ray"`` leaves it out) and shares one local Ray between tests;
 the two-node cluster comes last.  A stage's outputs are compared byte for byte with the
 one-process run's: the reference stage folder is moved aside, the stage runs again into
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 
 from stages import generate
 from stages.workers import Chunk, WorkerFailed, WorkersConfig, connect, shards, user_chunks
@@ -24,7 +25,6 @@ from tests.conftest import REAL_MODEL, ROOT, run_stage
 from tests.test_pipeline import write_config, write_fixture
 
 pytestmark = pytest.mark.ray
-ray = pytest.importorskip("ray")
 
 ENCODER = REAL_MODEL.parent / "all-minilm-l6-v2"
 # Small chunks, so that two workers share every stage's work.
