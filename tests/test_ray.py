@@ -114,6 +114,29 @@ def test_dense_ranking_on_two_workers_writes_the_same_files_as_one_process(refer
     assert outputs["1"] == outputs["2"] and len(outputs["1"]) >= 3
 
 
+def test_personalwab_pairs_on_two_workers_are_the_one_process_pairs(local_ray, tmp_path, tiny_llama_dir):
+    from tests.conftest import FIXTURES
+
+    config = tmp_path / "pwab.json"
+    config.write_text(json.dumps({
+        "task": "pwab", "run_dir": str(tmp_path / "run"), "data_dir": str(FIXTURES / "pwab"),
+        "model": str(tiny_llama_dir), "device": "cpu", "dtype": "float32", "seed": 3,
+        "select_users": {"num_users": 4, "num_unseen": 2, "min_history": 2, "min_train": 2},
+        "train_sasrec": {"hidden": 16, "blocks": 1, "heads": 1, "epochs": 2, "threads": 1},
+        "collect_pairs": {"num_neg_per_user": 1, "history_k": 2, "max_new_tokens": 80, "batch_size": 8,
+                          "max_prompt_tokens": 512, "samples_per_chunk": 2}}))
+    for name in ("select_users", "rank_history", "train_sasrec"):
+        run_stage(name, ["--config", str(config)])
+    pairs = tmp_path / "run" / "pairs"
+    outputs = {}
+    for workers in ("1", "2"):
+        run_stage("collect_pairs", ["--config", str(config), "--workers", workers])
+        outputs[workers] = {name: (pairs / name).read_bytes() for name in OUTPUTS["pairs"]}
+        pairs.rename(pairs.with_name(f"pairs.w{workers}"))
+    assert outputs["1"] == outputs["2"]
+    assert json.loads(outputs["1"]["summary.json"])["totals"]["kept"] > 0
+
+
 class DiesOnce(generate.GenerateJob):
     """Kills its worker process in the middle of the stage, once (a marker file remembers)."""
 
