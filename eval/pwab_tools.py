@@ -22,7 +22,7 @@ MAX_SEQUENCE = 30  # longest product_sequence the recommender reads
 TOOLS: dict[str, tuple[str, str, dict[str, Any], Any]] = {
     "search_product_by_query": (
         "search the product catalogue with a text query; returns the top 10 products",
-        "query", {"type": "string"}, "wireless earbuds with long battery life"),
+        "query", {"type": "string"}, "waterproof bluetooth speaker"),
     "get_recommendations_by_history": (
         "recommend products that follow a sequence of product asins the user bought "
         f"(time order, most recent last, at most {MAX_SEQUENCE})",

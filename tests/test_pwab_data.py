@@ -130,6 +130,9 @@ def test_prompt_lists_tools_history_request_and_review_product(bench):
     assert "past purchases" not in bare and bare.endswith("with arguments for this request.")
     examples = [parse_tool_call(line) for line in bare.splitlines() if "Example:" in line]
     assert [c.name for c in examples] == list(TOOLS)  # every example is itself a valid call
+    # ... answering a request shown with it, whose words become the search query
+    assert 'request "Find me a waterproof bluetooth speaker." -> {"name": "search_product_by_query", ' \
+           '"arguments": {"query": "waterproof bluetooth speaker"}}' in bare
 
 
 def test_prompt_drops_the_least_relevant_items_to_fit_the_budget(bench, tiny_llama):
