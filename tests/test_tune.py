@@ -59,8 +59,8 @@ def test_each_method_is_chosen_on_validation_and_tested_once(tuned):
 
 
 def test_ties_go_to_the_smaller_multiplier():
-    points = [{"multiplier": 2.0, "val_rougeL": 0.3}, {"multiplier": 0.5, "val_rougeL": 0.3},
-              {"multiplier": 1.0, "val_rougeL": 0.2}]
+    points = [{"multiplier": 2.0, "val_score": 0.3}, {"multiplier": 0.5, "val_score": 0.3},
+              {"multiplier": 1.0, "val_score": 0.2}]
     assert best(points)["multiplier"] == 0.5
 
 
