@@ -172,6 +172,7 @@ def collect_pairs(samples: list[dict], other_samples: list[dict], generator: Cal
     pools = other_users_pools(samples, other_samples) if settings.rag == "others" else {}
     todo = [s for s in samples if s["id"] not in writer.done_ids]
     bar = tqdm(total=len(todo), desc="collect pairs", unit="sample")
+    markers: list[dict] = []
     for start in range(0, len(todo), settings.samples_per_chunk):
         chunk = todo[start:start + settings.samples_per_chunk]
         messages = []
@@ -189,9 +190,13 @@ def collect_pairs(samples: list[dict], other_samples: list[dict], generator: Cal
             for record in records:
                 writer.write(record)
             writer.mark_done(sample["id"], user_id=sample["user_id"], **counts)
+            markers.append({"sample_id": sample["id"], "user_id": sample["user_id"], **counts})
             bar.update(1)
     bar.close()
-    return summarize(read_jsonl(writer.progress_path), {s["user_id"] for s in samples})
+    progress = getattr(writer, "progress_path", None)
+    if progress is not None and Path(progress).exists():
+        markers = read_jsonl(progress)  # earlier (resumed) runs count too
+    return summarize(markers, {s["user_id"] for s in samples})
 
 
 def summarize(progress: list[dict], users: set[str]) -> dict[str, Any]:

@@ -104,12 +104,11 @@ def collect_pwab_pairs(cfg, task: Task, samples: list[dict], other_samples: list
     pools = other_users_pools(samples, other_samples)
     todo = [s for s in samples if s["id"] not in writer.done_ids]
     failures: dict[str, Counter] = {}
-    markers, positives_by_type = [], Counter()
+    markers = []
     bar = tqdm(total=len(todo), desc="pwab pairs", unit="sample")
     for start in range(0, len(todo), cfg.samples_per_chunk):
         chunk = todo[start:start + cfg.samples_per_chunk]
         positives = _positives(cfg, task, chunk, generate_fn, env, encoder, tok, failures)
-        positives_by_type.update(s["type"] for s in chunk if s["id"] in positives)
         asked = [s for s in chunk if s["id"] in positives]
         tries = [(s, h) for s in asked for h in _other_histories(
             s, pools.get(s["user_id"], []), cfg.history_k, cfg.num_neg_per_user, cfg.seed)]
@@ -129,13 +128,19 @@ def collect_pwab_pairs(cfg, task: Task, samples: list[dict], other_samples: list
     progress = getattr(writer, "progress_path", None)
     if progress is not None and Path(progress).exists():
         markers = read_jsonl(progress)  # earlier (resumed) runs count too
-    summary = summarize(markers, {s["user_id"] for s in samples})
+    return summarize_pwab(markers, {s["user_id"] for s in samples})
+
+
+def summarize_pwab(markers: list[dict], users: set[str]) -> dict[str, Any]:
+    """:func:`collect.pairs.summarize` plus unparseable answers by reason and positives by
+    task type, from the done-markers of every run."""
+    summary = summarize(markers, users)
     parse_failures: Counter = Counter()
     for m in markers:
         parse_failures.update(m.get("parse_failures", {}))
     summary["parse_failures"] = {"total": sum(parse_failures.values()), **dict(parse_failures)}
     summary["pwab"] = {"positives": sum(1 for m in markers if m.get("positive")),
-                       "positives_by_type_this_run": dict(positives_by_type)}
+                       "positives_by_type": dict(sorted(Counter(m["type"] for m in markers if m.get("positive")).items()))}
     return summary
 
 

@@ -19,21 +19,11 @@ from typing import Any
 import numpy as np
 
 from data_process.artifacts import MANIFEST, git_hash, package_versions, read_json
-from eval.report import METRIC_NAMES
+from eval.report import METRIC_NAMES, sample_values
 
 SETTING_KEYS = ("history_k", "layers", "sites", "alpha", "beta", "multipliers", "vec_strategy",
                 "top_pairs", "pair_weighting", "softmax_temperature", "retriever", "max_new_tokens")
 STEERING_KEYS = set(SETTING_KEYS) - {"history_k", "max_new_tokens"}
-
-
-def paired_rows(scores_a: dict, scores_b: dict) -> tuple[list[str], dict, dict]:
-    """(shared sample ids, A's rows by id, B's rows by id) of two scored runs."""
-    rows_a = {r["id"]: r for r in scores_a["per_sample"]}
-    rows_b = {r["id"]: r for r in scores_b["per_sample"]}
-    shared = sorted(set(rows_a) & set(rows_b))
-    if not shared:
-        raise ValueError("the two runs share no sample ids: nothing to compare")
-    return shared, rows_a, rows_b
 
 
 def bootstrap_diff(scores_a: dict, scores_b: dict, metric: str, *, unit: str = "user", n_boot: int = 2000,
@@ -44,14 +34,19 @@ def bootstrap_diff(scores_a: dict, scores_b: dict, metric: str, *, unit: str = "
     differences (each draw's mean is over the samples of the drawn users);
     ``unit="sample"`` draws samples.
     """
-    shared, rows_a, rows_b = paired_rows(scores_a, scores_b)
-    diff = np.array([rows_b[i][metric] - rows_a[i][metric] for i in shared], dtype=float)
+    # A per-type metric (PersonalWAB's facc_search) pairs only the samples of its type.
+    a, b = sample_values(scores_a, metric), sample_values(scores_b, metric)
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        raise ValueError(f"the two runs share no sample scored by {metric!r}: nothing to compare")
+    diff = np.array([b[i] - a[i] for i in shared], dtype=float)
+    user_of = {r["id"]: r["user_id"] for r in scores_a["per_sample"]}
     if unit == "sample":
         groups = [[k] for k in range(len(shared))]
     elif unit == "user":
         by_user: dict[str, list[int]] = defaultdict(list)
         for k, i in enumerate(shared):
-            by_user[rows_a[i]["user_id"]].append(k)
+            by_user[user_of[i]].append(k)
         groups = list(by_user.values())
     else:
         raise ValueError(f"unknown bootstrap unit {unit!r}; choose 'user' or 'sample'")

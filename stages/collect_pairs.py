@@ -10,28 +10,30 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from collect import COLLECTORS
-from collect.pairs import RAG_MODES, PairWriter, summarize
+from collect import COLLECTORS, SUMMARIES
+from collect.pairs import RAG_MODES, PairWriter
 from data_process.artifacts import Stage, read_jsonl, write_json
 from data_process.config import choose, stage_dir
-from stages.common import StageConfig, load_samples, require, task_of
-from steering.model import load_model, model_name
+from stages.common import load_samples, require, task_of
+from stages.workers import WorkersConfig, absolute_paths, run_chunks, user_chunks, write_in_order
+from steering.model import load_model, load_tokenizer
 from tasks.base import DEFAULT_MAX_PROMPT_TOKENS, count_cut_inputs
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class CollectPairsConfig(StageConfig):
+class CollectPairsConfig(WorkersConfig):
     """Stage 03 settings (config section ``collect_pairs``); unset values come from the task."""
 
     STAGE = "03_collect_pairs"
     SECTIONS = ("collect_pairs",)
     # Rows of a batch are generated independently (left padding is masked), and chunks
     # only set how often progress is saved.
-    NOT_IN_FINGERPRINT = StageConfig.NOT_IN_FINGERPRINT | {"batch_size", "samples_per_chunk", "collect_model"}
+    NOT_IN_FINGERPRINT = WorkersConfig.NOT_IN_FINGERPRINT | {"batch_size", "samples_per_chunk", "collect_model"}
 
     collect_model: str = field(default="", metadata={"help": "model that writes the negatives (local dir); empty = --model"})
     num_neg_per_user: int = field(default=2, metadata={"min": 1, "help": "generation tries per training sample (each may become one pair)"})
@@ -41,7 +43,7 @@ class CollectPairsConfig(StageConfig):
     threshold: float | None = field(default=None, metadata={"min": 0, "max": 1, "help": "keep a try when its ROUGE-L F1 vs the gold is below this (default: the task's)"})
     max_new_tokens: int | None = field(default=None, metadata={"min": 1, "help": "generation length (default: the task's)"})
     batch_size: int = field(default=16, metadata={"min": 1, "help": "prompts per generation batch"})
-    samples_per_chunk: int = field(default=64, metadata={"min": 1, "help": "samples whose tries are generated together (the resume granularity)"})
+    samples_per_chunk: int = field(default=64, metadata={"min": 1, "help": "samples (of whole users) whose tries are generated together: the unit a worker computes and a resumed run redoes"})
     max_prompt_tokens: int = field(default=DEFAULT_MAX_PROMPT_TOKENS, metadata={"min": 1, "help": "token budget of a prompt; history is shortened/dropped to fit"})
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
     sampling_temperature: float = field(default=1.0, metadata={"gt": 0, "help": "sampling temperature (with --do-sample)"})
@@ -71,11 +73,60 @@ def _report(summary: dict) -> None:
                  summary["rouge_l"]["quantiles"], summary["rouge_l"]["kept_below"])
 
 
+class _ChunkPairs:
+    """A collector's writer inside a worker: keeps a chunk's pairs and done-markers for the driver."""
+
+    def __init__(self):
+        self.done_ids: set[str] = set()
+        self.pairs: list[dict] = []
+        self.markers: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        self.pairs.append(record)
+
+    def mark_done(self, sample_id: str, **counts: Any) -> None:
+        self.markers.append({"sample_id": sample_id, **counts})
+        self.done_ids.add(sample_id)
+
+
+class CollectJob:
+    """Stage 03 on one worker: the collecting model loaded once, the task's collector per chunk.
+
+    A worker reads the other users' samples from the input files itself (the driver sends
+    paths, not data: every worker sees the run directory).
+    """
+
+    def __init__(self, cfg: CollectPairsConfig, inputs: list[Path]):
+        self.cfg, self.inputs = cfg, [Path(p).resolve() for p in inputs]
+        self.model = None
+
+    def __getstate__(self) -> dict:  # a worker loads its own model
+        return {"cfg": self.cfg, "inputs": self.inputs, "model": None}
+
+    def setup(self, users: list[str]) -> None:
+        """Load the samples and the model; a second call is a no-op (the driver sets a
+        one-worker job up before it writes)."""
+        if self.model is not None:
+            return
+        # train.jsonl was checked non-empty by the driver; remain_train may hold nothing
+        self.other_samples = [s for path in self.inputs for s in load_samples(path, allow_empty=True)]
+        self.task = task_of(self.cfg)
+        self.collector = choose("pair collector", self.task.pair_collector, COLLECTORS)
+        self.model, self.tok = load_model(self.cfg.collect_model or self.cfg.model, self.cfg.device, self.cfg.dtype,
+                                          layers_attr=self.cfg.layers_attr)
+
+    def run(self, chunk) -> tuple[list[dict], list[dict]]:
+        """The pairs and done-markers of a chunk's samples."""
+        out = _ChunkPairs()
+        self.collector(self.cfg, self.task, chunk.items, self.other_samples, self.model, self.tok, out)
+        return out.pairs, out.markers
+
+
 def run(cfg: CollectPairsConfig) -> dict[str, Any] | None:
     """Collect (or resume) the pairs; return the manifest (None when the stage had finished)."""
     task = task_of(cfg)
     require(cfg, "history_k", "max_new_tokens")
-    collector = choose("pair collector", task.pair_collector, COLLECTORS)
+    choose("pair collector", task.pair_collector, COLLECTORS)
     ranked = stage_dir(cfg.run_dir, "ranked")
     train_path, remain_path = ranked / "train.jsonl", ranked / "remain_train.jsonl"
     if not train_path.exists():
@@ -85,27 +136,48 @@ def run(cfg: CollectPairsConfig) -> dict[str, Any] | None:
                   inputs=[p for p in (train_path, remain_path) if p.exists()], model=model_dir)
     if stage.done:
         return None
-    other_samples = load_samples(train_path)  # every user's samples, also past --max-samples
-    samples = other_samples[:cfg.max_samples] if cfg.max_samples else other_samples
+    samples = load_samples(train_path)
+    samples = samples[:cfg.max_samples] if cfg.max_samples else samples
+    # Other users' items (every training sample, also past --max-samples, and remain_train):
+    # read by each worker from these files.
     inputs = [train_path]
     if remain_path.exists():
-        other_samples = other_samples + load_samples(remain_path, allow_empty=True)
         inputs.append(remain_path)
     else:
         log.warning("%s missing: other users' items come from train.jsonl only", remain_path)
-    model, tok = load_model(model_dir, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
+    job = CollectJob(absolute_paths(cfg), inputs)
+    if cfg.workers == 1:  # the model is checked before anything is written
+        job.setup([])
+        tok = job.tok
+    else:  # the workers load the model; here the tokenizer (checks the model directory)
+        tok = load_tokenizer(model_dir)
+    prompts_cut = count_cut_inputs(task, samples, tok, cfg.max_prompt_tokens, cfg.STAGE)
     writer = PairWriter(stage.start())
     try:
-        summary = collector(cfg, task, samples, other_samples, model, tok, writer)
+        chunks = user_chunks(samples, lambda s: s["user_id"], cfg.samples_per_chunk)
+        todo = [c for c in chunks if any(s["id"] not in writer.done_ids for s in c.items)]
+        done = len(samples) - sum(len(c.items) for c in todo)
+        for _, (pairs, markers) in run_chunks(job, todo, cfg, desc="03 collect pairs", total=len(samples), done=done):
+            by_sample: dict[str, list[dict]] = {}
+            for pair in pairs:
+                by_sample.setdefault(pair["sample_id"], []).append(pair)
+            for marker in markers:  # a sample finished by an earlier run keeps that run's pairs
+                if marker["sample_id"] not in writer.done_ids:
+                    for pair in by_sample.get(marker["sample_id"], []):
+                        writer.write(pair)
+                    writer.mark_done(**marker)
     finally:
         writer.close()
+    ids = [s["id"] for s in samples]
+    write_in_order(writer.pairs_path, ids, "sample_id")
+    write_in_order(writer.progress_path, ids, "sample_id")
     # The done-markers of every run (a resumed one too) give the counts.
-    summary = {**summary, **summarize(read_jsonl(writer.progress_path), {s["user_id"] for s in samples}),
-               "prompts_cut": count_cut_inputs(task, samples, tok, cfg.max_prompt_tokens, cfg.STAGE)}
+    summary = {**SUMMARIES[task.pair_collector](read_jsonl(writer.progress_path), {s["user_id"] for s in samples}),
+               "prompts_cut": prompts_cut}
     summary_path = stage.out_dir / "summary.json"
     write_json(summary_path, summary)
     _report(summary)
     return stage.finish(inputs=inputs, outputs=[writer.pairs_path, writer.progress_path, summary_path],
-                        model=model_name(model), seed=cfg.seed, collect_model=str(model_dir),
+                        model=Path(model_dir).name, seed=cfg.seed, collect_model=str(model_dir),
                         totals=summary.get("totals"), users_without_pairs=summary.get("users_without_pairs"),
-                        prompts_cut=summary["prompts_cut"])
+                        prompts_cut=prompts_cut)

@@ -20,10 +20,11 @@ import torch
 
 from data_process.artifacts import Stage, read_finished_jsonl, run_relative
 from data_process.config import stage_dir
-from stages.common import StageConfig, task_of
-from steering.extract import KINDS, check_finite, check_pair, extract_chunked
+from stages.common import task_of
+from stages.workers import WorkersConfig, absolute_paths, run_chunks, user_chunks
+from steering.extract import KINDS, check_finite, check_pair, chunk_fingerprint, extract_pairs, load_chunk, save_chunk
 from steering.hooks import SITES, hidden_size
-from steering.model import DTYPES, check_layers, find_layers, load_model, model_name
+from steering.model import DTYPES, check_layers, find_layers, load_model, load_tokenizer, resolve_device, resolve_dtype
 from steering.user_vectors import USER_STRATEGIES, user_vectors
 from steering.vectors import save_user_vectors, save_vectors
 
@@ -31,10 +32,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ExtractConfig(StageConfig):
+class ExtractConfig(WorkersConfig):
     STAGE = "04_extract_vectors"
     SECTIONS = ("extract_vectors",)
-    NOT_IN_FINGERPRINT = StageConfig.NOT_IN_FINGERPRINT | {"batch_size", "chunk_pairs", "pairs_file"}
+    NOT_IN_FINGERPRINT = WorkersConfig.NOT_IN_FINGERPRINT | {"batch_size", "chunk_pairs", "pairs_file"}
 
     layers: list[int] = field(default_factory=lambda: [15], metadata={"min": 0, "non_empty": True, "help": "decoder layers to read"})
     sites: list[str] = field(default_factory=lambda: ["attn", "mlp", "block"],
@@ -42,7 +43,7 @@ class ExtractConfig(StageConfig):
     pairs_file: str = field(default="", metadata={"help": "pairs JSONL (default {run_dir}/pairs/pairs.jsonl)"})
     batch_size: int = field(default=16, metadata={"min": 1, "help": "sequences per forward (each pair is 2 sequences)"})
     max_answer_tokens: int = field(default=256, metadata={"min": 1, "help": "answers are cut to this many tokens"})
-    chunk_pairs: int = field(default=256, metadata={"min": 1, "help": "pairs per resumable chunk file"})
+    chunk_pairs: int = field(default=256, metadata={"min": 1, "help": "pairs (of whole users) per chunk: the unit a worker computes and a resumed run redoes"})
     save_dtype: str = field(default="float16", metadata={"help": "dtype of the saved vectors",
                                                          "choices": ["float16", "bfloat16", "float32"]})
     user_strategies: list[str] = field(default_factory=lambda: ["mean", "pca", "logistic"],
@@ -67,6 +68,44 @@ def load_pairs(path: Path, limit: int) -> list[dict]:
     return pairs[:limit] if limit else pairs
 
 
+class ExtractJob:
+    """Stage 04 on one worker: the model loaded once, a chunk's pair activations per call."""
+
+    def __init__(self, cfg: ExtractConfig, keys: list[str], prefix: str):
+        self.cfg, self.keys, self.prefix = cfg, keys, prefix
+        self.model = None
+
+    def __getstate__(self) -> dict:  # a worker loads its own model
+        return {**self.__dict__, "model": None}
+
+    def setup(self, users: list[str]) -> None:
+        """Load the model and check the layers; a second call is a no-op (the driver sets a
+        one-worker job up before it writes)."""
+        if self.model is not None:
+            return
+        self.model, self.tok = load_model(self.cfg.model, self.cfg.device, self.cfg.dtype, layers_attr=self.cfg.layers_attr)
+        check_layers(find_layers(self.model), self.cfg.layers)
+
+    def run(self, chunk) -> tuple[dict, str]:
+        """The chunk's activations ``{kind: {key: [n, hidden]}}`` and the model's dtype."""
+        acts = extract_pairs(self.model, self.tok, chunk.items, self.keys, self.cfg.batch_size,
+                             self.cfg.max_answer_tokens, progress=False, response_prefix=self.prefix)
+        return acts, str(next(self.model.parameters()).dtype)
+
+
+def _model_facts(cfg: ExtractConfig) -> tuple[str, int, str]:
+    """Name, hidden size and (on this machine) dtype of the model, from its config alone."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.model)
+    if cfg.device == "auto" and cfg.workers > 1:  # Ray workers see a GPU when they reserve one
+        device = torch.device("cuda" if cfg.gpus_per_worker else "cpu")
+    else:
+        device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    return Path(cfg.model).name, config.get_text_config().hidden_size, str(dtype)
+
+
 def run(cfg: ExtractConfig) -> dict[str, Any] | None:
     """Extract (or resume) the vectors; return the manifest (None when the stage had finished)."""
     out_dir = stage_dir(cfg.run_dir, "vectors")
@@ -78,30 +117,52 @@ def run(cfg: ExtractConfig) -> dict[str, Any] | None:
         return None
     pairs = load_pairs(pairs_path, cfg.max_pairs)
     prefix = task_of(cfg).response_prefix  # answers are read where generation writes them
-    model, tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
-    check_layers(find_layers(model), cfg.layers)
-    out_dir = stage.start()
     keys = [f"{site}.{layer}" for layer in cfg.layers for site in cfg.sites]
-    settings = {"model": model_name(model), "model_dtype": str(next(model.parameters()).dtype),
-                "pairs_file": run_relative(pairs_path, cfg.run_dir)}
-    if pairs:
-        acts = extract_chunked(model, tok, pairs, keys, out_dir / "chunks", settings, cfg.chunk_pairs,
-                               cfg.batch_size, cfg.max_answer_tokens, prefix)
+    job = ExtractJob(absolute_paths(cfg), keys, prefix)
+    if cfg.workers == 1:  # model and layers checked before anything is written
+        job.setup([])
     else:
-        acts = {kind: {key: torch.zeros(0, hidden_size(model)) for key in keys} for kind in KINDS}
-    meta = {"model": model_name(model), "hidden_size": hidden_size(model),
-            "num_layers": len(find_layers(model)), "layers": cfg.layers, "sites": cfg.sites,
+        load_tokenizer(cfg.model)  # checks the model directory; the workers load the model
+    name, width, dtype = _model_facts(cfg)
+    out_dir = stage.start()
+    # The model's dtype is what "auto" gives where the chunks are computed; each chunk
+    # records it, and chunks of different dtypes are never mixed.
+    pairs_file = run_relative(pairs_path, cfg.run_dir)
+    fingerprint = chunk_fingerprint({"model": name, "dtype": cfg.dtype, "pairs_file": pairs_file}, keys,
+                                    cfg.max_answer_tokens, prefix)
+    chunk_dir = out_dir / "chunks"
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    chunks = user_chunks(pairs, lambda p: p["user_id"], cfg.chunk_pairs)
+    ids = {c.index: [p["pair_id"] for p in c.items] for c in chunks}
+    path = {c.index: chunk_dir / f"chunk_{c.index:08d}.safetensors" for c in chunks}
+    parts = {c.index: load_chunk(path[c.index], ids[c.index], fingerprint + ":" + dtype, keys) for c in chunks}
+    todo = [c for c in chunks if parts[c.index] is None]
+    for chunk, (acts, chunk_dtype) in run_chunks(job, todo, cfg, desc="04 extract", total=len(pairs),
+                                                 done=len(pairs) - sum(len(c.items) for c in todo)):
+        if chunk_dtype != dtype:
+            raise ValueError(f"a worker loaded the model as {chunk_dtype}, this machine expected {dtype}: "
+                             "pass --dtype explicitly")
+        save_chunk(path[chunk.index], acts, ids[chunk.index], fingerprint + ":" + dtype)
+        parts[chunk.index] = acts
+    acts = {kind: {key: torch.zeros(len(pairs), width) for key in keys} for kind in KINDS}
+    for chunk in chunks:  # rows back in pairs order
+        rows = torch.tensor(chunk.positions, dtype=torch.long)
+        for kind in KINDS:
+            for key in keys:
+                acts[kind][key][rows] = parts[chunk.index][kind][key]
+    meta = {"model": name, "hidden_size": width,
+            "layers": cfg.layers, "sites": cfg.sites,
             "settings": {"batch_size": cfg.batch_size, "max_answer_tokens": cfg.max_answer_tokens,
-                         "model_dtype": settings["model_dtype"], "pairs_file": settings["pairs_file"],
+                         "model_dtype": dtype, "pairs_file": pairs_file,
                          "response_prefix": prefix,
                          "reduction": "mean over answer tokens, chosen minus rejected"}}
-    dtype = DTYPES[cfg.save_dtype]
+    save = DTYPES[cfg.save_dtype]
     for key, vectors in acts["diff"].items():  # fp16 overflows to inf above 65504
-        check_finite(vectors.to(dtype), pairs, key, f"{cfg.save_dtype} vector")
-    vec_path = save_vectors(out_dir, acts["diff"], pairs, meta, dtype)
+        check_finite(vectors.to(save), pairs, key, f"{cfg.save_dtype} vector")
+    vec_path = save_vectors(out_dir, acts["diff"], pairs, meta, save)
     users = user_vectors(pairs, acts, cfg.user_strategies)
-    user_path = save_user_vectors(out_dir, users, {**meta, "n_users": len({str(p["user_id"]) for p in pairs})}, dtype)
-    shutil.rmtree(out_dir / "chunks", ignore_errors=True)
+    user_path = save_user_vectors(out_dir, users, {**meta, "n_users": len({str(p["user_id"]) for p in pairs})}, save)
+    shutil.rmtree(chunk_dir, ignore_errors=True)
     log.info("[%s] %d pairs x %d keys -> %s; user vectors -> %s", cfg.STAGE, len(pairs), len(keys), vec_path, user_path)
     return stage.finish(inputs=[pairs_path], outputs=[vec_path, out_dir / "vectors.index.json", user_path],
-                        model=model_name(model), seed=cfg.seed, n_pairs=len(pairs), keys=keys)
+                        model=name, seed=cfg.seed, n_pairs=len(pairs), keys=keys)

@@ -14,14 +14,16 @@ from pathlib import Path
 
 from data_process.artifacts import JsonlWriter, Stage, read_json
 from data_process.config import stage_dir
-from stages.common import StageConfig, load_samples, require, task_of
+from data_process.schema import checked_name
+from stages.common import load_samples, require, task_of
 from stages.evaluate import evaluate_run
+from stages.workers import WorkersConfig, absolute_paths, run_chunks, user_chunks, write_in_order
 from steering.aggregate import RETRIEVERS, WEIGHTINGS
 from steering.algorithms import ALGORITHMS, AlgoSettings, SteerSpec, build_algorithm
 from steering.decoding import decoding_kwargs
 from steering.generation import POSITIONS
 from steering.hooks import SITES
-from steering.model import check_layers, find_layers, load_model, model_name
+from steering.model import check_layers, find_layers, load_model, load_tokenizer, model_name
 from steering.runner import UserAdapters, generate_records
 from steering.user_vectors import USER_STRATEGIES
 from tasks.base import DEFAULT_MAX_PROMPT_TOKENS, count_cut_inputs
@@ -30,14 +32,14 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class GenerateConfig(StageConfig):
+class GenerateConfig(WorkersConfig):
     """Stage 05 settings (config section ``generate``); unset values come from the task."""
 
     STAGE = "05_generate"
     SECTIONS = ("generate",)
-    # The tag names the output directory; a batch's rows are independent; --eval is what
-    # happens after.
-    NOT_IN_FINGERPRINT = StageConfig.NOT_IN_FINGERPRINT | {"tag", "batch_size", "eval"}
+    # The tag names the output directory; a batch's rows are independent; chunks only set
+    # how often results are saved; --eval is what happens after.
+    NOT_IN_FINGERPRINT = WorkersConfig.NOT_IN_FINGERPRINT | {"tag", "batch_size", "samples_per_chunk", "eval"}
 
     algo: str = field(default="fints", metadata={"help": "generation algorithm", "choices": list(ALGORITHMS)})
     split: str = field(default="seen_test", metadata={"name": True, "help": "file name (no .jsonl) in {run_dir}/ranked/"})
@@ -60,6 +62,8 @@ class GenerateConfig(StageConfig):
     retriever: str = field(default="bm25", metadata={"help": "fints: pair retrieval", "choices": list(RETRIEVERS)})
     max_new_tokens: int | None = field(default=None, metadata={"min": 1, "help": "generation length (default: the task's)"})
     batch_size: int = field(default=8, metadata={"min": 1, "help": "rows per generation batch"})
+    samples_per_chunk: int = field(default=64, metadata={"min": 1, "help": "samples (of whole users) generated and saved together: "
+                                                                 "the unit a worker computes and a resumed run redoes"})
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
     sampling_temperature: float = field(default=1.0, metadata={"gt": 0, "help": "sampling temperature (with --do-sample)"})
     top_p: float = field(default=1.0, metadata={"gt": 0, "max": 1, "help": "nucleus sampling mass (with --do-sample)"})
@@ -104,10 +108,63 @@ def _plugin_dir(cfg: GenerateConfig) -> Path | None:
     return plugin
 
 
+class _Records:
+    """Collects a chunk's records in a worker (the driver alone writes files)."""
+
+    def __init__(self):
+        self.existing: list[dict] = []
+        self.records: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+
+
+class GenerateJob:
+    """Stage 05 on one worker: the model, the algorithm and its users' adapters, loaded once."""
+
+    def __init__(self, cfg: GenerateConfig, source: Path, model=None, tok=None):
+        self.cfg, self.source, self.model, self.tok = cfg, source, model, tok
+        self.algo = self.adapters = None
+
+    def __getstate__(self) -> dict:  # a worker loads its own model, algorithm and adapters
+        return {**self.__dict__, "model": None, "tok": None, "algo": None, "adapters": None}
+
+    def setup(self, users: list[str]) -> None:
+        """Load the model, the algorithm (its vectors, checked) and the users' adapters; a
+        second call is a no-op (the driver sets a one-worker job up before it writes)."""
+        if self.algo is not None:
+            return
+        cfg = self.cfg
+        task = task_of(cfg)
+        if self.model is None:
+            self.model, self.tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
+        self.algo = build_algorithm(cfg.algo, _settings(cfg, task, self.model, self.tok))
+        self.gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+                               temperature=cfg.sampling_temperature, top_p=cfg.top_p, seed=cfg.seed,
+                               positions=cfg.positions, **decoding_kwargs(task, self.model, self.tok, cfg.constrained))
+        plugin = _plugin_dir(cfg)
+        if plugin and any((plugin / u / "adapter_config.json").exists() for u in users):
+            self.adapters = UserAdapters(self.model, plugin, users, self.source)
+
+    def run(self, chunk) -> tuple[list[dict], list[str]]:
+        """The records of a chunk's samples and its users without steering vectors."""
+        records = _Records()
+        summary = generate_records(self.model, self.tok, self.algo, chunk.items, records, task=task_of(self.cfg),
+                                   algo_name=self.cfg.algo, batch_size=self.cfg.batch_size,
+                                   gen_kwargs=self.gen_kwargs, adapters=self.adapters)
+        return records.records, summary["users_without_vectors"]
+
+    def close(self) -> None:
+        if self.adapters is not None:
+            self.adapters.close()  # the base model goes back as it was loaded (sweeps reuse it)
+        self.algo = self.adapters = None
+
+
 def run(cfg: GenerateConfig, model=None, tok=None) -> Path:
     """Generate (or resume) one split with one algorithm; return the output directory.
 
-    Pass a loaded ``(model, tok)`` to reuse it across runs (sweeps, tests).
+    Pass a loaded ``(model, tok)`` to reuse it across runs (sweeps, tests; with
+    ``--workers 1``).  The records are in split order however they were computed.
     """
     task = task_of(cfg)
     require(cfg, "history_k", "max_new_tokens")
@@ -123,37 +180,58 @@ def run(cfg: GenerateConfig, model=None, tok=None) -> Path:
     if not stage.done:
         samples = load_samples(source)
         samples = samples[: cfg.limit] if cfg.limit > 0 else samples
-        if model is None:
-            model, tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
-        settings = _settings(cfg, task, model, tok)
-        algo = build_algorithm(cfg.algo, settings)
-        gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-                          temperature=cfg.sampling_temperature, top_p=cfg.top_p, seed=cfg.seed,
-                          positions=cfg.positions, **decoding_kwargs(task, model, tok, cfg.constrained))
+        spec = SteerSpec.build(cfg.layers, cfg.sites, cfg.alpha, cfg.beta, cfg.multipliers) \
+            if ALGORITHMS[cfg.algo].steers else None
         plugin = _plugin_dir(cfg)
-        adapters = UserAdapters(model, plugin, [s["user_id"] for s in samples], source) if plugin else None
-        work = stage.start()  # out itself, or out.new for an --overwrite of a previous run
+        users = sorted({s["user_id"] for s in samples})
+        for user in users if plugin else []:  # a user id names its adapter folder
+            checked_name(user, f"{source} (adapters in --plugin {plugin})")
+        no_adapter = [u for u in users if not (plugin / u / "adapter_config.json").exists()] if plugin else []
+        if plugin and len(no_adapter) == len(users):
+            raise FileNotFoundError(f"--plugin {plugin}: no <user_id>/adapter_config.json for any of "
+                                    f"the {len(users)} users of this split")
+        job = GenerateJob(absolute_paths(cfg), source, model if cfg.workers == 1 else None, tok)
+        if cfg.workers == 1:  # model, layers, vectors and adapters checked before anything is written
+            job.setup(users)
+            model, tok = job.model, job.tok
+        else:  # the workers load the model; here the tokenizer (checks the model directory)
+            tok = tok or load_tokenizer(cfg.model)
+        prompts_cut = count_cut_inputs(task, samples, tok, cfg.max_prompt_tokens, cfg.STAGE)
+        path = stage.start() / "generations.jsonl"  # in out, or out.new for an --overwrite of a previous run
+        no_vectors: set[str] = set()
         try:
-            with JsonlWriter(work / "generations.jsonl") as writer:
-                summary = generate_records(model, tok, algo, samples, writer, task=task, algo_name=cfg.algo,
-                                           batch_size=cfg.batch_size, gen_kwargs=gen_kwargs, adapters=adapters)
+            with JsonlWriter(path) as writer:
+                done = {r["id"] for r in writer.existing}
+                already = len(done & {s["id"] for s in samples})
+                chunks = user_chunks(samples, lambda s: s["user_id"], cfg.samples_per_chunk)
+                todo = [c for c in chunks if any(s["id"] not in done for s in c.items)]
+                resumed = len(samples) - sum(len(c.items) for c in todo)
+                for _, (records, missing) in run_chunks(job, todo, cfg, desc=f"05 {cfg.algo}", total=len(samples),
+                                                        done=resumed):
+                    no_vectors.update(missing)
+                    for record in records:
+                        if record["id"] not in done:
+                            writer.write(record)
+                            done.add(record["id"])
         finally:
-            if adapters is not None:
-                adapters.close()
-        summary["prompts_cut"] = count_cut_inputs(task, samples, tok, cfg.max_prompt_tokens, cfg.STAGE)
+            job.close()  # the adapters come off a model the caller may reuse
+        write_in_order(path, [s["id"] for s in samples], "id")
+        summary = {"n_samples": len(samples), "n_resumed": already, "n_generated": len(samples) - already,
+                   "users_without_vectors": sorted(no_vectors), "prompts_cut": prompts_cut}
         if summary["users_without_vectors"]:
             log.warning("[05_generate] %d user(s) have no steering vectors (no pairs: unseen users, or all their "
                         "tries were dropped); their rows ran as plain RAG: %s",
                         len(summary["users_without_vectors"]), summary["users_without_vectors"])
-        if adapters is not None:
-            summary["users_without_adapter"] = adapters.missing
-            if adapters.missing:
+        if plugin:
+            summary["users_without_adapter"] = no_adapter
+            if no_adapter:
                 log.warning("[05_generate] %d user(s) have no adapter in %s; their rows ran on the base model: %s",
-                            len(adapters.missing), plugin, adapters.missing)
+                            len(no_adapter), plugin, no_adapter)
         log.info("[05_generate] %s on %s: %d generated, %d resumed -> %s", cfg.algo, cfg.split,
-                 summary["n_generated"], summary["n_resumed"], out / "generations.jsonl")
-        stage.finish(inputs=[source, *vectors], outputs=[work / "generations.jsonl"], model=model_name(model), seed=cfg.seed,
-                     steering=settings.steer.scales if settings.steer else None, **summary)
+                 summary["n_generated"], summary["n_resumed"], path)
+        name = model_name(model) if model is not None else Path(cfg.model).name
+        stage.finish(inputs=[source, *vectors], outputs=[path], model=name, seed=cfg.seed,
+                     steering=spec.scales if spec else None, **summary)
     if cfg.eval:
         scores = evaluate_run(out, cfg)
         log.info("[06_evaluate] %s: %s", cfg.algo, scores.get("overall"))

@@ -6,9 +6,10 @@
    ``{algo}{tag}_val_{point}`` and is scored: steer over sites x layers x multipliers;
    fints over the same, then top-K x softmax temperature at its best layer and
    multiplier (a coordinate search: the full product would cost K x T times more).
-3. Each method's best point by ROUGE-L (ties: the smaller multiplier, then grid order)
-   runs once on every test split present (``--test-splits``), beside zeroshot and rag.
-4. Writes {run_dir}/tune/tune.json (every point), tune.png (validation ROUGE-L vs
+3. Each method's best point by the task's selection metric (ROUGE-L; PersonalWAB: RACC;
+   ties: the smaller multiplier, then grid order) runs once on every test split present
+   (``--test-splits``), beside zeroshot and rag.
+4. Writes {run_dir}/tune/tune.json (every point), tune.png (validation score vs
    multiplier per layer, the chosen settings' test score marked) and report.md (the
    test tables with user-level intervals against rag).
 
@@ -24,6 +25,7 @@ from typing import Any
 
 from data_process.artifacts import write_json
 from data_process.config import parse_config, stage_dir
+from eval.report import METRIC_NAMES
 from stages.common import task_of
 from stages.evaluate import evaluate_run
 from stages.extract_vectors import ExtractConfig
@@ -74,17 +76,18 @@ def _score(cfg: GenerateConfig, model, tok) -> dict[str, Any]:
 
 
 def best(points: list[dict[str, Any]]) -> dict[str, Any]:
-    """Highest validation ROUGE-L; ties go to the smaller multiplier, then the earlier point."""
-    return max(enumerate(points), key=lambda ip: (ip[1]["val_rougeL"], -ip[1]["multiplier"], -ip[0]))[1]
+    """Highest validation score (the task's selection metric); ties go to the smaller
+    multiplier, then the earlier point."""
+    return max(enumerate(points), key=lambda ip: (ip[1]["val_score"], -ip[1]["multiplier"], -ip[0]))[1]
 
 
-def _grid(cfg: TuneConfig, base: GenerateConfig, model, tok) -> dict[str, list[dict[str, Any]]]:
-    """Every validation point of steer and fints, scored."""
+def _grid(cfg: TuneConfig, base: GenerateConfig, model, tok, metric: str) -> dict[str, list[dict[str, Any]]]:
+    """Every validation point of steer and fints, scored by ``metric``."""
     def run_points(points):
         for p in points:
             scores = _score(_point_cfg(base, p, cfg.val_split, "_val" + _point_tag(p)), model, tok)
-            p.update(val_rougeL=scores["overall"]["rougeL"], val=scores["overall"], n_val=scores["n"])
-            log.info("[tune] %s %s: validation ROUGE-L %.4f", p["algo"], _point_tag(p), p["val_rougeL"])
+            p.update(val_score=scores["overall"][metric], val=scores["overall"], n_val=scores["n"])
+            log.info("[tune] %s %s: validation %s %.4f", p["algo"], _point_tag(p), metric, p["val_score"])
         return points
 
     k0, t0 = cfg.tune_top_pairs[0], cfg.tune_temperatures[0]
@@ -115,7 +118,8 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
     _extract_grid_layers(cfg)
     model, tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
     base = GenerateConfig(**{f.name: getattr(cfg, f.name) for f in fields(GenerateConfig)})
-    grid = _grid(cfg, base, model, tok)
+    metric = task.selection_metric
+    grid = _grid(cfg, base, model, tok, metric)
     chosen = {algo: best(points) for algo, points in grid.items()}
     ranked = stage_dir(cfg.run_dir, "ranked")
     body, tests = [], {}
@@ -129,22 +133,24 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
             runs[f"{algo} (tuned)"] = gen_dir(pcfg)
         body += split_section(cfg, split, runs, unit="user", n_boot=cfg.n_boot, title=f"Test: {split}")
     out = stage_dir(cfg.run_dir, "tune")
-    result = {"val_split": cfg.val_split, "chosen": chosen, "test": tests, "points": grid}
+    result = {"val_split": cfg.val_split, "metric": metric, "chosen": chosen, "test": tests, "points": grid}
     write_json(out / "tune.json", result)
-    plot_tune(grid, tests.get(cfg.test_splits[0], {}), chosen, out / "tune.png")
+    plot_tune(grid, tests.get(cfg.test_splits[0], {}), chosen, out / "tune.png", metric)
+    name = METRIC_NAMES.get(metric, metric)
     settings = [f"- **{algo}**: sites {p['sites']}, layer {p['layer']}, multiplier {p['multiplier']:g}"
                 + (f", top-K {p['top_pairs']}, temperature {p['temperature']:g}" if algo == "fints" else "")
-                + f" (validation ROUGE-L {p['val_rougeL']:.4f} on {p['n_val']} samples)" for algo, p in chosen.items()]
+                + f" (validation {name} {p['val_score']:.4f} on {p['n_val']} samples)" for algo, p in chosen.items()]
     n_points = sum(len(v) for v in grid.values())
-    body = ["## Settings chosen on validation", "", f"{n_points} points on `{cfg.val_split}`; selection by ROUGE-L "
+    body = ["## Settings chosen on validation", "", f"{n_points} points on `{cfg.val_split}`; selection by {name} "
             "(ties: the smaller multiplier). Test splits were run once, with these settings.", "",
             *settings, "", *body]
     write_report(out / "report.md", f"{task.summary}: tuned on {cfg.val_split}", body, cfg.run_dir)
     return result
 
 
-def plot_tune(grid: dict[str, list[dict]], test: dict[str, dict], chosen: dict[str, dict], path: Path) -> Path:
-    """Validation ROUGE-L vs multiplier, one line per method and layer; chosen test scores as stars."""
+def plot_tune(grid: dict[str, list[dict]], test: dict[str, dict], chosen: dict[str, dict], path: Path,
+              metric: str = "rougeL") -> Path:
+    """Validation score vs multiplier, one line per method and layer; chosen test scores as stars."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only
@@ -154,14 +160,14 @@ def plot_tune(grid: dict[str, list[dict]], test: dict[str, dict], chosen: dict[s
     for ax, (algo, points) in zip(axes[0], grid.items()):
         top = chosen[algo]
         for key in sorted({(p["sites"], p["layer"]) for p in points}):
-            pts = sorted((p["multiplier"], p["val_rougeL"]) for p in points if (p["sites"], p["layer"]) == key
+            pts = sorted((p["multiplier"], p["val_score"]) for p in points if (p["sites"], p["layer"]) == key
                          and p.get("top_pairs") == top.get("top_pairs") and p.get("temperature") == top.get("temperature"))
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"val L{key[1]} {key[0]}")
         if algo in test:
-            ax.plot([top["multiplier"]], [test[algo]["rougeL"]], marker="*", markersize=14, linestyle="",
+            ax.plot([top["multiplier"]], [test[algo][metric]], marker="*", markersize=14, linestyle="",
                     color="black", label=f"test, chosen (L{top['layer']})")
         ax.set_xlabel("multiplier")
-        ax.set_ylabel("ROUGE-L")
+        ax.set_ylabel(METRIC_NAMES.get(metric, metric))
         ax.set_title(algo)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -136,7 +136,14 @@ def check_finite(vectors: torch.Tensor, pairs: list[dict], key: str, what: str =
                          f"({len(bad)} in all); check the model dtype (try --dtype float32) and these pairs' texts")
 
 
-def _load_chunk(path: Path, pair_ids: list, fingerprint: str, keys: list[str]):
+def chunk_fingerprint(settings: dict, keys: list[str], max_answer_tokens: int, response_prefix: str = "") -> str:
+    """What a saved chunk of vectors was computed with; a chunk with another one is recomputed."""
+    return json.dumps({**settings, "keys": sorted(keys), "max_answer_tokens": max_answer_tokens,
+                       "response_prefix": response_prefix}, sort_keys=True)
+
+
+def load_chunk(path: Path, pair_ids: list, fingerprint: str, keys: list[str]):
+    """The activations saved in ``path`` if they are of these pairs and this fingerprint, else None."""
     if not path.exists():
         return None
     with safe_open(str(path), framework="pt") as f:
@@ -146,27 +153,31 @@ def _load_chunk(path: Path, pair_ids: list, fingerprint: str, keys: list[str]):
         return {kind: {k: f.get_tensor(f"{kind}/{k}") for k in keys} for kind in KINDS}
 
 
+def save_chunk(path: Path, acts: dict[str, dict[str, torch.Tensor]], pair_ids: list, fingerprint: str) -> None:
+    """Save one chunk's activations atomically, with its pair ids and fingerprint."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({f"{kind}/{k}": t.contiguous() for kind, d in acts.items() for k, t in d.items()},
+              str(tmp), metadata={"fingerprint": fingerprint, "pair_ids": json.dumps(pair_ids)})
+    os.replace(tmp, path)
+
+
 def extract_chunked(model, tok, pairs: list[dict], keys: list[str], chunk_dir: str | Path, settings: dict,
                     chunk_pairs: int = 256, batch_size: int = 16, max_answer_tokens: int = 256,
                     response_prefix: str = "") -> dict[str, dict[str, torch.Tensor]]:
     """:func:`extract_pairs` over chunks saved under ``chunk_dir`` (resumable)."""
     chunk_dir = Path(chunk_dir)
     chunk_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = json.dumps({**settings, "keys": sorted(keys), "max_answer_tokens": max_answer_tokens,
-                              "response_prefix": response_prefix}, sort_keys=True)
+    fingerprint = chunk_fingerprint(settings, keys, max_answer_tokens, response_prefix)
     parts = []
     bar = tqdm(total=len(pairs), desc="pairs", unit="pair")
     for start in range(0, len(pairs), chunk_pairs):
         chunk = pairs[start:start + chunk_pairs]
         ids = [p["pair_id"] for p in chunk]
         path = chunk_dir / f"chunk_{start:08d}.safetensors"
-        acts = _load_chunk(path, ids, fingerprint, keys)
+        acts = load_chunk(path, ids, fingerprint, keys)
         if acts is None:
             acts = extract_pairs(model, tok, chunk, keys, batch_size, max_answer_tokens, response_prefix=response_prefix)
-            tmp = path.with_name(path.name + ".tmp")
-            save_file({f"{kind}/{k}": t.contiguous() for kind, d in acts.items() for k, t in d.items()},
-                      str(tmp), metadata={"fingerprint": fingerprint, "pair_ids": json.dumps(ids)})
-            os.replace(tmp, path)
+            save_chunk(path, acts, ids, fingerprint)
         parts.append(acts)
         bar.update(len(chunk))
     bar.close()

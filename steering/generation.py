@@ -12,12 +12,13 @@ task makes of it is the task's ``postprocess``.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from steering.hooks import add_vectors
 from steering.model import chat_prompt, left_pad
@@ -64,9 +65,43 @@ def _check_deltas(deltas: dict[str, torch.Tensor] | None, n: int) -> None:
                              f"[{n}, hidden] (one row per message)")
 
 
+class RowSampler(LogitsProcessor):
+    """Sampling with one random generator per row, seeded by the row's own seed.
+
+    ``generate``'s own sampling draws every row from one generator, so a row's answer
+    would depend on the rows batched with it, and so on the batch size, the number of
+    workers and where a resumed run restarted.  This processor draws each row's token
+    from its own generator (temperature, then nucleus ``top_p``) and leaves only that
+    token possible; generation then runs greedily.  It comes after any constraint.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        if temperature <= 0 or not 0 < top_p <= 1:
+            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+        self.seeds, self.temperature, self.top_p = seeds, temperature, top_p
+        self.generators: list[torch.Generator] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.generators:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # Keep the smallest set of most likely tokens whose mass reaches top_p.
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        chosen = torch.stack([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
+
+
+def prompt_seed(seed: int, message: str) -> int:
+    """The sampling seed of one prompt: the same prompt and seed sample the same answer in
+    any batch, on any worker and in a resumed run."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{message}".encode()).digest()[:8], "little")
+
+
 def _sampling_kwargs(do_sample: bool, temperature: float, top_p: float) -> dict:
-    if do_sample:
-        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    # Sampling happens in RowSampler (per row); generate itself always decodes greedily.
     # Explicit None silences warnings from generation configs that set sampling values.
     return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
@@ -91,8 +126,8 @@ def generate_batches(model, tok, messages: list[str], *, max_new_tokens: int, ba
     ``deltas`` maps hook sites (``attn.L`` / ``mlp.L`` / ``block.L``) to one steering row
     per message (``[len(messages), hidden]``, already scaled); each batch carries its own
     rows through :func:`steering.hooks.add_vectors`.  Batch composition depends only on the
-    messages and ``batch_size``; sampling is reproducible for a given ``seed``, message
-    list and ``batch_size``, and the global RNG is left untouched.
+    messages and ``batch_size``; a sampled answer depends only on its prompt and ``seed``
+    (:class:`RowSampler`, :func:`prompt_seed`), and the global RNG is left untouched.
 
     ``response_prefix`` opens every answer (:func:`steering.model.chat_prompt`) and is
     part of the returned text; ``constraint(prompt_width, max_new_tokens)`` makes a
@@ -116,9 +151,10 @@ def generate_batches(model, tok, messages: list[str], *, max_new_tokens: int, ba
     for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", leave=False)):
         rows = order[start:start + batch_size]
         ids, mask = left_pad([encoded[i] for i in rows], pad_id, device)
-        batch_kwargs = kwargs
-        if constraint is not None:
-            batch_kwargs = {**kwargs, "logits_processor": LogitsProcessorList([constraint(ids.shape[1], max_new_tokens)])}
+        processors = [constraint(ids.shape[1], max_new_tokens)] if constraint is not None else []
+        if do_sample:
+            processors.append(RowSampler([prompt_seed(seed, messages[i]) for i in rows], temperature, top_p))
+        batch_kwargs = {**kwargs, "logits_processor": LogitsProcessorList(processors)} if processors else kwargs
         new_tokens = _generate_batch(model, ids, mask, batch_kwargs, deltas, rows, positions, seed + b)
         yield rows, [clean_output(response_prefix + tok.decode(_cut_at_eos(t.tolist(), kwargs["eos_token_id"]),
                                                                skip_special_tokens=True)) for t in new_tokens]

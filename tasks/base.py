@@ -41,6 +41,8 @@ class Task:
     # Stage settings this task decides unless a config or flag does (field name -> value).
     defaults: ClassVar[dict[str, Any]] = {}
     metrics: ClassVar[tuple[str, ...]] = TEXT_METRICS
+    # The metric scripts/tune.py chooses settings by (one of ``metrics``).
+    selection_metric: ClassVar[str] = "rougeL"
     # How stage 03 judges a try (a key of ``collect.COLLECTORS``).
     pair_collector: ClassVar[str] = "rouge"
     # Sample fields that generation records carry besides id, user, prompt and gold.

@@ -336,6 +336,7 @@ class PersonalWab(Task):
                 "history_k": 5, "max_new_tokens": 128, "positive_k": 5, "search_threshold": 0.65,
                 "review_threshold": 0.51, "recommend_in_list": True, "constrained": True}
     metrics = tuple(PWAB_METRICS)
+    selection_metric = "racc"  # the result: a wrong function scores 0, so it includes FACC
     pair_collector = "tool_calls"
     record_fields = ("type", "target", "timestamp")
     setup_stages = ("train_sasrec",)  # the recommender behind get_recommendations_by_history

@@ -185,14 +185,17 @@ def test_a_successful_overwrite_replaces_the_outputs_and_a_killed_one_keeps_them
     before = snapshot(out)
     real = steering.runner.generate_batches
 
-    def killed(*args, **kwargs):
-        for i, batch in enumerate(real(*args, **kwargs)):
-            if i == 1:
-                raise KeyboardInterrupt("killed")
-            yield batch
+    calls = []
+
+    def killed(*args, **kwargs):  # one chunk of one sample per call: killed in the fourth
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        yield from real(*args, **kwargs)
 
     monkeypatch.setattr(steering.runner, "generate_batches", killed)
-    argv = ["--config", str(config), "--algo", "rag", "--overwrite", "--max-new-tokens", "4"]
+    argv = ["--config", str(config), "--algo", "rag", "--overwrite", "--max-new-tokens", "4",
+            "--samples-per-chunk", "1"]
     with pytest.raises(KeyboardInterrupt):
         main(*stage_main("generate"), argv)
     assert snapshot(out) == before and len(read_jsonl(out.with_name("rag.new") / "generations.jsonl")) == 3

@@ -202,5 +202,5 @@ def test_the_stage_hands_pwab_collection_to_the_task_s_collector(tmp_path, tiny_
     run_stage("collect_pairs", ["--task", "pwab", "--run-dir", str(tmp_path), "--model", str(tiny_llama_dir), "--device", "cpu"])
     assert seen == {"task": "pwab", "n": 9, "others": 9, "done": set(), "positive_k": 5}
     summary = json.loads((tmp_path / "pairs" / "summary.json").read_text())
-    assert summary["pwab"] == {"search": 1} and summary["totals"]["kept"] == 1
+    assert summary["pwab"]["positives"] == 0 and summary["totals"]["kept"] == 1
     assert len(read_jsonl(tmp_path / "pairs" / "pairs.jsonl")) == 1

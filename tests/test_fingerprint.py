@@ -78,14 +78,17 @@ def test_a_killed_05_resumed_with_other_settings_is_refused(run, monkeypatch):
     config, _ = run
     real = steering.runner.generate_batches
 
-    def dies_after_one_batch(*args, **kwargs):
-        for batch in real(*args, **kwargs):
-            yield batch
-            raise KeyboardInterrupt("killed")
+    calls = []
 
-    monkeypatch.setattr(steering.runner, "generate_batches", dies_after_one_batch)
-    with pytest.raises(KeyboardInterrupt):
-        generate(config, "--algo", "fints", "--tag", "_kill", "--batch-size", "2")
+    def dies_in_the_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(steering.runner, "generate_batches", dies_in_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):  # chunks of 2 samples: the first one is written
+        generate(config, "--algo", "fints", "--tag", "_kill", "--batch-size", "2", "--samples-per-chunk", "2")
     out = run[1] / "generations" / "seen_test" / "fints_kill"
     assert (out / FINGERPRINT).exists() and not (out / "manifest.json").exists()
     partial = (out / "generations.jsonl").read_bytes()

@@ -49,6 +49,16 @@ def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(tiny_llama)
     assert any(o != first for o in others)
 
 
+def test_a_sampled_answer_depends_on_its_prompt_and_seed_not_on_its_batch(tiny_llama):
+    model, tok = tiny_llama
+    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=5.0, top_p=0.9, seed=7)
+    together = generate(model, tok, MESSAGES, batch_size=16, **kwargs)
+    assert generate(model, tok, MESSAGES, batch_size=1, **kwargs) == together
+    # The same prompt in another list, at another place, on another worker: same answer.
+    assert generate(model, tok, MESSAGES[::-1][:2], batch_size=2, **kwargs) == together[::-1][:2]
+    assert len(set(together)) > 1
+
+
 def test_a_shorter_max_new_tokens_gives_a_prefix_of_the_longer_answer(tiny_llama):
     model, tok = tiny_llama
     short = generate(model, tok, MESSAGES, max_new_tokens=3)

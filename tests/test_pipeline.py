@@ -130,11 +130,14 @@ def test_unseen_users_get_plain_rag_and_are_reported(run, caplog):
     assert "ran as plain RAG" in caplog.text
 
 
-def test_a_killed_generation_resumes_without_duplicates_or_gaps(run, monkeypatch):
+def test_a_killed_generation_resumes_to_the_same_file_byte_for_byte(run, monkeypatch):
     import steering.runner
 
     config, _ = run
-    full = generations(generate(config, "--algo", "fints", "--tag", "_full"))
+    # Chunks of 2 samples (one user each here) with batches of 3: the kill comes in the
+    # second chunk, after the first was written.
+    chunked = ("--samples-per-chunk", "2")
+    full = generate(config, "--algo", "fints", "--tag", "_full", *chunked) / "generations.jsonl"
     real, batches = steering.runner.generate_batches, []
 
     def dies_on_second_batch(*args, **kwargs):
@@ -146,17 +149,20 @@ def test_a_killed_generation_resumes_without_duplicates_or_gaps(run, monkeypatch
 
     monkeypatch.setattr(steering.runner, "generate_batches", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        generate(config, "--algo", "fints", "--tag", "_killed")
+        generate(config, "--algo", "fints", "--tag", "_killed", *chunked)
     out = Path(config).parent / "run" / "generations" / "seen_test" / "fints_killed"
     assert not (out / "manifest.json").exists()
     with open(out / "generations.jsonl", "a") as f:
         f.write('{"id": "torn')  # a write cut off by the kill
     done_before = len(read_jsonl(out / "generations.jsonl"))
     monkeypatch.setattr(steering.runner, "generate_batches", real)
-    generate(config, "--algo", "fints", "--tag", "_killed")
-    records = read_jsonl(out / "generations.jsonl", tolerate_torn_tail=False)
-    assert len(records) == len(full) and {r["id"]: r["generation"] for r in records} == full
+    generate(config, "--algo", "fints", "--tag", "_killed", *chunked)
+    # The resumed run wrote its remaining records after the first run's, yet the file is
+    # the uninterrupted run's, line for line.
+    assert (out / "generations.jsonl").read_bytes() == full.read_bytes()
     assert read_json(out / "manifest.json")["n_resumed"] == done_before > 0
+    ids = [r["id"] for r in read_jsonl(full)]
+    assert ids == [s["id"] for s in read_jsonl(Path(config).parent / "run" / "ranked" / "seen_test.jsonl")]
 
 
 def test_a_finished_generation_is_skipped(run, caplog):

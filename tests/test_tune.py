@@ -59,8 +59,8 @@ def test_each_method_is_chosen_on_validation_and_tested_once(tuned):
 
 
 def test_ties_go_to_the_smaller_multiplier():
-    points = [{"multiplier": 2.0, "val_rougeL": 0.3}, {"multiplier": 0.5, "val_rougeL": 0.3},
-              {"multiplier": 1.0, "val_rougeL": 0.2}]
+    points = [{"multiplier": 2.0, "val_score": 0.3}, {"multiplier": 0.5, "val_score": 0.3},
+              {"multiplier": 1.0, "val_score": 0.2}]
     assert best(points)["multiplier"] == 0.5
 
 
@@ -103,3 +103,13 @@ def test_user_bootstrap_is_wider_than_sample_bootstrap_when_users_cluster():
     assert users["low"] == pytest.approx(-0.1) and users["high"] == pytest.approx(0.2)
     assert samples["half_width"] < users["half_width"]
     assert share_of_users_better(a, b, "rougeL") == 0.5
+
+
+def test_user_bootstrap_of_a_per_type_metric_pairs_the_samples_of_that_type():
+    # PersonalWAB scores facc per sample and reports facc_search over the search samples only
+    rows = [("u1", "search", 1, 0), ("u1", "review", 0, 1), ("u2", "search", 0, 0), ("u2", "review", 1, 1)]
+    a = {"per_sample": [{"id": f"{u}{t}", "user_id": u, "type": t, "facc": fa} for u, t, fa, _ in rows]}
+    b = {"per_sample": [{"id": f"{u}{t}", "user_id": u, "type": t, "facc": fb} for u, t, _, fb in rows]}
+    search = bootstrap_diff(a, b, "facc_search", unit="user", n_boot=200)
+    assert search["diff"] == pytest.approx(-0.5) and search["n"] == 2 and search["units"] == 2
+    assert bootstrap_diff(a, b, "facc", n_boot=200)["n"] == 4
