@@ -101,15 +101,22 @@ def _grid(cfg: TuneConfig, base: GenerateConfig, model, tok, metric: str) -> dic
     return {"steer": steer, "fints": fints}
 
 
+def covering(own: list, needed: set) -> list:
+    """The config's own layers or sites as it lists them when they cover what the grid
+    needs (so a run.sh run over the same config agrees: a reordered list is other
+    settings to stage 04), else the sorted union."""
+    return own if needed <= set(own) else sorted(needed | set(own))
+
+
 def _extract_grid_layers(cfg: TuneConfig) -> None:
     """Stage 04 with every layer and site the grid needs, in one pass."""
     argv = ["--config", cfg.config] if cfg.config else []
     ecfg = parse_config(ExtractConfig, argv)
-    # The config's own layers and sites stay, so a run.sh run over the same config agrees.
-    sites = sorted({s for name in cfg.tune_sites for s in SITE_SETS[name]} | set(ecfg.sites))
+    sites = covering(ecfg.sites, {s for name in cfg.tune_sites for s in SITE_SETS[name]})
+    layers = covering(ecfg.layers, set(cfg.tune_layers))
     common = {f.name: getattr(cfg, f.name) for f in fields(ExtractConfig) if f.name in
               ("task", "run_dir", "model", "device", "dtype", "seed", "layers_attr", "overwrite")}
-    extract(replace(ecfg, **common, layers=sorted(set(cfg.tune_layers) | set(ecfg.layers)), sites=sites))
+    extract(replace(ecfg, **common, layers=layers, sites=sites))
 
 
 def run(cfg: TuneConfig) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import pytest
 
 from data_process.artifacts import read_json, read_jsonl
 from eval.run_report import bootstrap_diff, share_of_users_better
+from stages.tune import covering
 from stages.tune import best
 from tests.conftest import run_stage
 from tests.test_pipeline import write_config, write_fixture
@@ -113,3 +114,8 @@ def test_user_bootstrap_of_a_per_type_metric_pairs_the_samples_of_that_type():
     search = bootstrap_diff(a, b, "facc_search", unit="user", n_boot=200)
     assert search["diff"] == pytest.approx(-0.5) and search["n"] == 2 and search["units"] == 2
     assert bootstrap_diff(a, b, "facc", n_boot=200)["n"] == 4
+
+
+def test_the_grid_reuses_the_configs_layers_and_sites_in_their_order_when_they_cover_it():
+    assert covering(["attn", "mlp", "block"], {"attn", "mlp"}) == ["attn", "mlp", "block"]
+    assert covering([15], {10, 15}) == [10, 15]
