@@ -91,13 +91,14 @@ def results_section(scores: dict[str, dict], settings: dict[str, str], metrics: 
     lines += ["", f"Difference to `{baseline}` (mean, 95% bootstrap interval resampling {unit}s; "
                   f"* = interval excludes 0; {n_cmp} comparisons, so about {0.05 * n_cmp:.1f} would "
                   "exclude 0 by chance alone at no true difference):", ""]
-    header = ["method", *[f"Δ{METRIC_NAMES.get(m, m)}" for m in metrics], "detectable (±, ROUGE-L)",
-              f"users better than {baseline} (ROUGE-L)"]
+    key = "rougeL" if "rougeL" in metrics else metrics[0]  # the metric of the last two columns
+    key_name = METRIC_NAMES.get(key, key)
+    header = ["method", *[f"Δ{METRIC_NAMES.get(m, m)}" for m in metrics], f"detectable (±, {key_name})",
+              f"users better than {baseline} ({key_name})"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in others:
         cis = {m: bootstrap_diff(scores[baseline], scores[name], m, unit=unit, n_boot=n_boot, seed=seed)
                for m in metrics}
-        key = "rougeL" if "rougeL" in metrics else metrics[0]
         share = share_of_users_better(scores[baseline], scores[name], key)
         lines.append("| " + " | ".join([name, *[_fmt_ci(cis[m]) for m in metrics],
                                         f"{cis[key]['half_width']:.3f}", f"{share:.0%}"]) + " |")
