@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_process.artifacts import read_json, sha256_file, write_json
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # The tiny models are far faster single-threaded, and CI machines are shared: two
@@ -188,3 +190,13 @@ def run_stage(module: str, argv: list[str], **kwargs):
     (config_cls,) = [v for v in vars(mod).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
                      and v.__module__ == mod.__name__]
     return mod.run(parse_config(config_cls, argv), **kwargs)
+
+
+def as_if_written_by_its_stage(path: Path) -> None:
+    """Record an edited finished file's sha256 in its stage's manifest, so that reading it is
+    not refused as changed and the check under test is reached."""
+    manifest = read_json(path.parent / "manifest.json")
+    for output in manifest["outputs"]:
+        if Path(output["path"]).name == path.name:
+            output["sha256"] = sha256_file(path)
+    write_json(path.parent / "manifest.json", manifest)

@@ -20,9 +20,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data_process.artifacts import read_json, read_jsonl, sha256_file, write_json
+from data_process.artifacts import read_json, read_jsonl
 from data_process.cli import main
-from tests.conftest import run_stage
+from tests.conftest import as_if_written_by_its_stage, run_stage
 from tests.test_pipeline import write_config, write_fixture
 
 GEN = Path("generations") / "seen_test"
@@ -72,15 +72,6 @@ def snapshot(run_dir: Path) -> dict[str, str]:
     """Every file under ``run_dir`` (and nothing else) with its content hash."""
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(run_dir.rglob("*")) if p.is_file()}
-
-
-def as_if_written_by_its_stage(path: Path) -> None:
-    """Record an edited finished file's sha256 in its manifest, so the content check is reached."""
-    manifest = read_json(path.parent / "manifest.json")
-    for output in manifest["outputs"]:
-        if Path(output["path"]).name == path.name:
-            output["sha256"] = sha256_file(path)
-    write_json(path.parent / "manifest.json", manifest)
 
 
 def edit_config(config: Path, section: str | None, key: str, value) -> None:

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import stages.train_lora as train_lora
-from data_process.artifacts import read_json, read_jsonl, sha256_file, write_json
-from tests.conftest import run_stage
+from data_process.artifacts import read_json, read_jsonl
+from tests.conftest import as_if_written_by_its_stage, run_stage
 from tests.test_pipeline import generate, generations, write_config, write_fixture
 
 pytest.importorskip("peft")
@@ -71,15 +71,6 @@ def test_training_sees_only_train_samples_and_never_a_test_gold(run, tmp_path, m
             assert s["output"] not in message and s["output"] != answer
 
 
-def as_if_written_by_stage_02(path: Path) -> None:
-    """Record an edited split's sha256 in its manifest (otherwise reading it is refused)."""
-    manifest = read_json(path.parent / "manifest.json")
-    for output in manifest["outputs"]:
-        if Path(output["path"]).name == path.name:
-            output["sha256"] = sha256_file(path)
-    write_json(path.parent / "manifest.json", manifest)
-
-
 def test_a_train_file_holding_a_test_sample_is_refused(run, tmp_path):
     config, run_dir = run
     leaky = tmp_path / "run"
@@ -87,7 +78,7 @@ def test_a_train_file_holding_a_test_sample_is_refused(run, tmp_path):
     test_sample = read_jsonl(leaky / "ranked" / "seen_test.jsonl")[0]
     with open(leaky / "ranked" / "train.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(test_sample) + "\n")
-    as_if_written_by_stage_02(leaky / "ranked" / "train.jsonl")
+    as_if_written_by_its_stage(leaky / "ranked" / "train.jsonl")
     with pytest.raises(ValueError, match=r"train\.jsonl:\d+ .*field 'id' is a test sample's id"):
         run_stage("train_lora", ["--config", str(config), "--run-dir", str(leaky)])
     assert not (leaky / "lora" / "manifest.json").exists()
@@ -201,7 +192,7 @@ def test_a_training_answer_equal_to_a_test_gold_is_skipped_not_learned(run, tmp_
     twin = next(s for s in train if s["user_id"] == test_sample["user_id"])
     twin["output"] = test_sample["output"]  # same text, different question
     (copy / "ranked" / "train.jsonl").write_text("".join(json.dumps(s) + "\n" for s in train))
-    as_if_written_by_stage_02(copy / "ranked" / "train.jsonl")
+    as_if_written_by_its_stage(copy / "ranked" / "train.jsonl")
     manifest = run_stage("train_lora", ["--config", str(config), "--run-dir", str(copy), "--epochs", "1"])
     assert manifest["users"][twin["user_id"]]["n_samples"] == sum(s["user_id"] == twin["user_id"] for s in train) - 1
     assert f"skipped 1 training sample(s) whose answer is also a test gold of their user: ['{twin['id']}']" in caplog.text
