@@ -197,7 +197,20 @@ class _Parser(HfArgumentParser):
         # The validation rules are ours (value_problem), not argparse keywords.
         shown = copy.copy(f)
         shown.metadata = types.MappingProxyType({k: v for k, v in f.metadata.items() if k not in RULE_KEYS})
-        HfArgumentParser._parse_dataclass_field(parser, shown)
+        HfArgumentParser._parse_dataclass_field(_DashedOnly(parser), shown)
+
+
+class _DashedOnly:
+    """Hands HfArgumentParser's ``add_argument`` calls on without the underscore twin of a
+    dashed flag (``--run_dir`` beside ``--run-dir``), so ``--help`` shows each flag once and
+    one spelling is accepted.  argparse derives the same ``dest`` (``run_dir``) from either."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self._parser = parser
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        dashed = [n for n in names if not (n.startswith("--") and "_" in n and n.replace("_", "-") in names)]
+        return self._parser.add_argument(*dashed, **kwargs)
 
 
 def parse_config(config_cls: type[T], argv: list[str] | None = None) -> T:

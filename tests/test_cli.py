@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 
 from data_process.cli import main
 from data_process.config import parse_config
+from stages.evaluate import EvaluateConfig
 from stages.generate import GenerateConfig
 from stages.select_users import SelectUsersConfig
 from stages.select_users import run as select_users
@@ -83,6 +85,24 @@ def test_help_lists_the_choices_of_choice_flags():
                               text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120).stdout
     assert "{zeroshot,rag,steer,fints,oppu,oppu+fints}" in helptext and "{lamp4,lamp5,longlamp,pwab}" in helptext
     assert "{softmax,mean}" in helptext and "{attn,mlp,block}" in helptext
+
+
+def test_help_shows_each_flag_once_in_its_dashed_form(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(GenerateConfig, ["--help"])
+    options = capsys.readouterr().out.split("options:")[1]
+    names = re.findall(r"^  (--?[\w-]+(?:, --?[\w-]+)*)", options, re.M)
+    assert "--run-dir" in names and "--max-new-tokens" in names
+    assert [n for n in names if "," in n or "_" in n] == ["-h, --help"]
+
+
+def test_only_the_dashed_spelling_of_a_flag_is_accepted():
+    assert parse_config(GenerateConfig, ["--run-dir", "runs/x"]).run_dir == "runs/x"
+    with pytest.raises(ValueError, match="--run_dir"):
+        parse_config(GenerateConfig, ["--run_dir", "runs/x"])
+    assert parse_config(EvaluateConfig, ["--no-plot"]).plot is False
+    with pytest.raises(ValueError, match="--no_plot"):
+        parse_config(EvaluateConfig, ["--no_plot"])
 
 
 def test_the_script_itself_exits_2_with_one_line(tmp_path):
