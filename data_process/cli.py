@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from tqdm.auto import tqdm
+from data_process.progress import tqdm
 
 from data_process.config import LOG_LEVELS, parse_config
 

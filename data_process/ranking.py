@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+from data_process.progress import tqdm
 
 from data_process.config import choose
 from data_process.text import BM25, tokenize

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+from data_process.progress import tqdm
 
 from data_process.config import choose
 from data_process.ranking import Query, dense_vectors, item_text, sample_input

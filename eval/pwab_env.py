@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+from data_process.progress import tqdm
 
 from data_process.artifacts import read_json, sha256_file, write_json
 from data_process.text import B, BM25, EPSILON, K1, tokenize

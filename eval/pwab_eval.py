@@ -22,7 +22,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from data_process.progress import tqdm
 
 from eval.pwab_tools import TYPES, ToolCall, parse_tool_call
 

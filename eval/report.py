@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+from data_process.progress import tqdm
 
 from eval.metrics import meteor_available, text_scores
 

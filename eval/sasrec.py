@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
+from data_process.progress import tqdm
 
 from data_process.artifacts import read_json, write_json
 

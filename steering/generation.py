@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterator
 
 import torch
-from tqdm.auto import tqdm
+from data_process.progress import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from steering.hooks import add_vectors

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from data_process.progress import tqdm
 
 from steering.model import chat_prompt
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
+from data_process.progress import tqdm
 
 from data_process.artifacts import JsonlWriter
 from data_process.schema import checked_name

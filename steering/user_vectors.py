@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from tqdm import tqdm
+from data_process.progress import tqdm
 
 from data_process.config import choose
 
