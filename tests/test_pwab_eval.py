@@ -9,8 +9,9 @@ import torch
 import data_process.dense
 from eval.pwab_eval import evaluate_pwab, rank_score, review_similarity
 from eval.pwab_tools import ToolCall, format_tool_call
-from eval.sasrec import save_sasrec, train_sasrec
+from eval.sasrec import save_sasrec
 from tasks.pwab import TASK, load_pwab, user_sequences
+from train.sasrec import train_sasrec
 from tests.conftest import FIXTURES, ROOT
 
 PWAB = FIXTURES / "pwab"
