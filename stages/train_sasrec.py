@@ -21,7 +21,7 @@ from data_process.artifacts import Stage
 from eval.pwab_env import default_cache_dir, numbered_parts
 from eval.sasrec import CONFIG, WEIGHTS, SASRecConfig, save_sasrec
 from stages.common import ON_ERROR, StageConfig, task_of
-from steering.model import resolve_device
+from steering.loading import resolve_device
 from tasks.pwab import user_sequences
 from train.sasrec import train_sasrec
 
