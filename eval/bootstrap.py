@@ -42,6 +42,9 @@ def _groups(shared: list[str], user_of: dict[str, str], unit: str) -> list[list[
         raise ValueError(f"unknown bootstrap unit {unit!r}; choose one of {list(UNITS)}")
     by_user: dict[str, list[int]] = defaultdict(list)
     for k, sample_id in enumerate(shared):
+        if sample_id not in user_of:
+            raise ValueError(f"sample {sample_id!r}: per-sample scores have no 'user_id' to resample users by; "
+                             "rescore the run (stage 06) or pass unit='sample'")
         by_user[user_of[sample_id]].append(k)
     return list(by_user.values())
 
@@ -63,7 +66,7 @@ def bootstrap_diff(scores_a: dict[str, Any], scores_b: dict[str, Any], metric: s
     if not shared:
         raise ValueError(f"the two runs share no sample scored by {metric!r}: nothing to compare")
     diff = np.array([b[i] - a[i] for i in shared], dtype=float)
-    groups = _groups(shared, {r["id"]: r["user_id"] for r in scores_a["per_sample"]}, unit)
+    groups = _groups(shared, {r["id"]: r["user_id"] for r in scores_a["per_sample"] if "user_id" in r}, unit)
     sums = np.array([diff[g].sum() for g in groups])
     counts = np.array([len(g) for g in groups], dtype=float)
     draw = np.random.default_rng(seed).integers(0, len(groups), size=(n_boot, len(groups)))
