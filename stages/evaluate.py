@@ -19,6 +19,7 @@ from typing import Any
 from data_process.artifacts import Stage, read_finished_jsonl, read_json, run_relative, write_json, write_jsonl
 from data_process.config import stage_dir
 from eval import report
+from eval.bootstrap import UNITS
 from stages.common import StageConfig, task_of
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class EvaluateConfig(StageConfig):
     compare: list[str] = field(default_factory=list, metadata={"help": "RUN_A RUN_B: paired bootstrap of B - A"})
     n_boot: int = field(default=2000, metadata={"min": 1, "help": "bootstrap resamples"})
     unit: str = field(default="user", metadata={"help": "what the bootstrap resamples (as in report.md)",
-                                                "choices": ["user", "sample"]})
+                                                "choices": list(UNITS)})
     baseline: str = field(default="rag", metadata={"help": "algorithm the other runs get paired bootstrap "
                                                            "intervals against ('' for none)"})
     plot: bool = field(default=True, metadata={"help": "write a bar chart of the table (PNG)"})
