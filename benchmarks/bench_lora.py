@@ -25,7 +25,7 @@ import torch
 from data_process.artifacts import read_jsonl
 from steering.algorithms import AlgoSettings, build_algorithm
 from steering.lora import LoraRecipe, answer_loss, collate, encode_example, length_grouped_batches
-from steering.model import load_model
+from steering.loading import load_model
 from tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,7 +33,7 @@ import torch
 from data_process.config import parse_config
 from stages import collect_pairs, generate, rank_history, select_users
 from stages.workers import Chunk, WorkersConfig, connect
-from steering.model import load_model
+from steering.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo.json"

@@ -28,7 +28,8 @@ import torch
 from data_process.artifacts import read_jsonl
 from steering.extract import encode_pair, extract_pairs
 from steering.hooks import StopForward, add_vectors, stop_after_layer
-from steering.model import chat_prompt, load_model
+from steering.inputs import chat_prompt
+from steering.loading import load_model
 from tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent

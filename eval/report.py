@@ -2,8 +2,9 @@
 
 A run is a ``generations.jsonl`` of ``{id, user_id, generation, gold, ...}`` records.
 :func:`score_records` gives every record its text metrics and averages them overall (over
-samples, and over users) and per user; :func:`paired_bootstrap` says whether two runs on
-the same samples really differ; :func:`results_table` and the ``plot_*`` functions turn
+samples, and over users) and per user; :func:`compare_scores` and :func:`intervals_vs` say
+whether two runs on the same samples really differ (through :mod:`eval.bootstrap`, the one
+bootstrap the run report uses too); :func:`results_table` and the ``plot_*`` functions turn
 scores into something a person can read.
 """
 
@@ -15,9 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from data_process.progress import tqdm
-
+from eval.bootstrap import bootstrap_diff, shared_samples
 from eval.metrics import meteor_available, text_scores
 
 TEXT_METRICS = ("rouge1", "rougeL", "meteor")
@@ -65,64 +65,22 @@ def score_records(records: list[dict[str, Any]], desc: str = "score") -> dict[st
     return result
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000,
-                     seed: int = 0, level: float = 0.95) -> dict[str, float]:
-    """Paired bootstrap interval of ``mean(b) - mean(a)`` over the same samples.
-
-    Resamples sample indices with replacement ``n_boot`` times and takes the percentile
-    interval of the mean difference; ``p_le_0`` is the fraction of resamples where B is
-    not better than A (a one-sided bootstrap p-value).
-    """
-    a_arr, b_arr = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if a_arr.shape != b_arr.shape or a_arr.ndim != 1 or len(a_arr) == 0:
-        raise ValueError(f"paired bootstrap needs two equal, non-empty lists (got {len(a_arr)} and {len(b_arr)})")
-    diff = b_arr - a_arr
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diff), size=(n_boot, len(diff)))
-    means = diff[idx].mean(axis=1)
-    tail = (1.0 - level) / 2.0
-    return {"diff": float(diff.mean()), "low": float(np.quantile(means, tail)),
-            "high": float(np.quantile(means, 1.0 - tail)), "p_le_0": float((means <= 0).mean()),
-            "n": int(len(diff)), "n_boot": int(n_boot), "level": level}
-
-
-def compare_scores(scores_a: dict[str, Any], scores_b: dict[str, Any], *, n_boot: int = 2000,
-                   seed: int = 0) -> dict[str, dict[str, float]]:
-    """Paired bootstrap of B - A per metric over the samples both runs scored."""
-    rows_a = {r["id"]: r for r in scores_a["per_sample"]}
-    rows_b = {r["id"]: r for r in scores_b["per_sample"]}
-    shared = sorted(set(rows_a) & set(rows_b))
-    if not shared:
-        raise ValueError("the two runs share no sample ids: nothing to compare")
+def compare_scores(scores_a: dict[str, Any], scores_b: dict[str, Any], *, unit: str = "user",
+                   n_boot: int = 2000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Bootstrap interval of B - A (:func:`eval.bootstrap.bootstrap_diff`) per metric both runs scored."""
     metrics = [m for m in scores_a["metrics"] if m in scores_b["metrics"]]
-    return {m: paired_bootstrap([rows_a[i][m] for i in shared], [rows_b[i][m] for i in shared],
-                                n_boot=n_boot, seed=seed) for m in metrics}
+    if not metrics or not shared_samples(scores_a, scores_b, metrics[0]):
+        raise ValueError("the two runs share no sample ids: nothing to compare")
+    return {m: bootstrap_diff(scores_a, scores_b, m, unit=unit, n_boot=n_boot, seed=seed) for m in metrics}
 
 
-def sample_values(scores: dict[str, Any], metric: str) -> dict[str, float]:
-    """Per-sample values of ``metric`` by sample id: a per-sample key, or ``<key>_<type>``
-    (e.g. PersonalWAB's ``facc_search``) over the samples of that type."""
-    rows = scores["per_sample"]
-    if rows and metric in rows[0]:
-        return {r["id"]: r[metric] for r in rows}
-    base, _, kind = metric.rpartition("_")
-    return {r["id"]: r[base] for r in rows if base in r and r.get("type") == kind}
-
-
-def intervals_vs(scores: dict[str, dict[str, Any]], baseline: str, metrics: Sequence[str], *,
-                 n_boot: int = 2000, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
-    """Paired bootstrap of each run minus ``baseline`` per metric, over the samples both scored."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for name, run in scores.items():
-        if name == baseline:
-            continue
-        out[name] = {}
-        for m in metrics:
-            a, b = sample_values(scores[baseline], m), sample_values(run, m)
-            shared = sorted(set(a) & set(b))
-            if shared:
-                out[name][m] = paired_bootstrap([a[i] for i in shared], [b[i] for i in shared], n_boot=n_boot, seed=seed)
-    return out
+def intervals_vs(scores: dict[str, dict[str, Any]], baseline: str, metrics: Sequence[str], *, unit: str = "user",
+                 n_boot: int = 2000, seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
+    """Bootstrap interval of each run minus ``baseline`` per metric, over the samples both scored
+    (a metric they share no sample of is left out)."""
+    return {name: {m: bootstrap_diff(scores[baseline], run, m, unit=unit, n_boot=n_boot, seed=seed)
+                   for m in metrics if shared_samples(scores[baseline], run, m)}
+            for name, run in scores.items() if name != baseline}
 
 
 def interval_table(intervals: dict[str, dict[str, dict[str, float]]], metrics: Sequence[str]) -> str:
@@ -140,9 +98,11 @@ def interval_table(intervals: dict[str, dict[str, dict[str, float]]], metrics: S
     return "\n".join(lines)
 
 
-def format_comparison(name_a: str, name_b: str, result: dict[str, dict[str, float]]) -> str:
+def format_comparison(name_a: str, name_b: str, result: dict[str, dict[str, Any]]) -> str:
     """Human-readable lines of a :func:`compare_scores` result."""
-    lines = [f"{name_b} - {name_a} (paired bootstrap, {next(iter(result.values()))['n']} samples):"]
+    first = next(iter(result.values()))
+    lines = [f"{name_b} - {name_a} (paired bootstrap resampling {first['unit']}s: {first['n']} samples, "
+             f"{first['units']} {first['unit']}s):"]
     for metric, r in result.items():
         verdict = "B better" if r["low"] > 0 else "A better" if r["high"] < 0 else "no clear difference"
         lines.append(f"  {METRIC_NAMES.get(metric, metric):8s} {r['diff']:+.4f}  "

@@ -1,9 +1,9 @@
 """One readable report of a run folder: data, pairs, time, results with honest intervals.
 
-The intervals resample **users** (cluster bootstrap): a user's samples share a history
-and a writing style, so they are not independent, and resampling samples would claim
-more certainty than the data has.  The per-sample interval stays available
-(``unit="sample"``).  With a few dozen samples the half-width of an interval is the
+The intervals come from :func:`eval.bootstrap.bootstrap_diff`, the same function stage 06
+uses, and resample **users** by default (cluster bootstrap): a user's samples share a
+history and a writing style, so they are not independent.  The per-sample interval stays
+available (``unit="sample"``).  With a few dozen samples the half-width of an interval is the
 smallest difference the data can detect; the report prints it beside every comparison,
 and says how many comparisons were made (one in twenty crosses zero by chance alone).
 """
@@ -16,48 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from data_process.artifacts import MANIFEST, git_hash, package_versions, read_json
-from eval.report import METRIC_NAMES, sample_values
+from eval.bootstrap import bootstrap_diff
+from eval.report import METRIC_NAMES
 
 SETTING_KEYS = ("history_k", "layers", "sites", "alpha", "beta", "multipliers", "vec_strategy",
                 "top_pairs", "pair_weighting", "softmax_temperature", "retriever", "max_new_tokens")
 STEERING_KEYS = set(SETTING_KEYS) - {"history_k", "max_new_tokens"}
-
-
-def bootstrap_diff(scores_a: dict, scores_b: dict, metric: str, *, unit: str = "user", n_boot: int = 2000,
-                   seed: int = 0, level: float = 0.95) -> dict[str, float]:
-    """Bootstrap interval of mean(B - A) over the shared samples, resampling ``unit``s.
-
-    ``unit="user"`` draws users with replacement and pools their samples' paired
-    differences (each draw's mean is over the samples of the drawn users);
-    ``unit="sample"`` draws samples.
-    """
-    # A per-type metric (PersonalWAB's facc_search) pairs only the samples of its type.
-    a, b = sample_values(scores_a, metric), sample_values(scores_b, metric)
-    shared = sorted(set(a) & set(b))
-    if not shared:
-        raise ValueError(f"the two runs share no sample scored by {metric!r}: nothing to compare")
-    diff = np.array([b[i] - a[i] for i in shared], dtype=float)
-    user_of = {r["id"]: r["user_id"] for r in scores_a["per_sample"]}
-    if unit == "sample":
-        groups = [[k] for k in range(len(shared))]
-    elif unit == "user":
-        by_user: dict[str, list[int]] = defaultdict(list)
-        for k, i in enumerate(shared):
-            by_user[user_of[i]].append(k)
-        groups = list(by_user.values())
-    else:
-        raise ValueError(f"unknown bootstrap unit {unit!r}; choose 'user' or 'sample'")
-    sums = np.array([diff[g].sum() for g in groups])
-    counts = np.array([len(g) for g in groups], dtype=float)
-    draw = np.random.default_rng(seed).integers(0, len(groups), size=(n_boot, len(groups)))
-    means = sums[draw].sum(axis=1) / counts[draw].sum(axis=1)
-    tail = (1.0 - level) / 2.0
-    low, high = float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
-    return {"diff": float(diff.mean()), "low": low, "high": high, "half_width": (high - low) / 2,
-            "n": len(shared), "units": len(groups), "unit": unit, "n_boot": n_boot, "level": level}
 
 
 def share_of_users_better(scores_a: dict, scores_b: dict, metric: str) -> float:

@@ -64,7 +64,7 @@ else
   if [ -f /usr/share/wordnet/data.noun ]; then
     mkdir -p "$wn.tmp"
     find /usr/share/wordnet -maxdepth 1 -type f -exec cp {} "$wn.tmp"/ \;
-    .venv/bin/python -m eval.wordnet_lexnames "$wn.tmp/lexnames"
+    .venv/bin/python -m scripts.wordnet_lexnames "$wn.tmp/lexnames"
     rm -rf "$wn"; mv "$wn.tmp" "$wn"
     echo "[setup] WordNet copied into $wn"
   else

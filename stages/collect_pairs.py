@@ -19,7 +19,7 @@ from data_process.artifacts import Stage, read_jsonl, write_json
 from data_process.config import choose, stage_dir
 from stages.common import load_samples, require, task_of
 from stages.workers import WorkersConfig, absolute_paths, run_chunks, user_chunks, write_in_order
-from steering.model import load_model, load_tokenizer
+from steering.loading import load_model, load_tokenizer
 from tasks.base import DEFAULT_MAX_PROMPT_TOKENS, count_cut_inputs
 
 log = logging.getLogger(__name__)

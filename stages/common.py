@@ -11,7 +11,7 @@ from data_process.artifacts import MANIFEST, read_finished_jsonl
 from data_process.config import CommonConfig, stage_dir
 from data_process.records import check_not_empty
 from data_process.schema import validate_sample
-from steering.model import DTYPES
+from steering.loading import DTYPES
 from tasks import Task, get_task, task_names
 
 ON_ERROR = ["stop", "skip"]

@@ -5,6 +5,8 @@ sample), per_sample.jsonl (one line per sample: id, user_id, metrics) and a mani
 then logs a results table and every run's paired bootstrap 95% interval against
 ``--baseline`` (rag), both also written to results{tag}.md, and a bar chart.
 ``--compare RUN_A RUN_B`` gives the paired bootstrap 95% interval of B - A per metric.
+The bootstrap resamples users (``--unit sample``: samples) with the same function as
+report.md (:mod:`eval.bootstrap`), so both files print the same interval.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from data_process.artifacts import Stage, read_finished_jsonl, read_json, run_relative, write_json, write_jsonl
 from data_process.config import stage_dir
 from eval import report
+from eval.bootstrap import UNITS
 from stages.common import StageConfig, task_of
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,8 @@ class EvaluateConfig(StageConfig):
     gen_dirs: list[str] = field(default_factory=list, metadata={"help": "explicit run directories (override --algos)"})
     compare: list[str] = field(default_factory=list, metadata={"help": "RUN_A RUN_B: paired bootstrap of B - A"})
     n_boot: int = field(default=2000, metadata={"min": 1, "help": "bootstrap resamples"})
+    unit: str = field(default="user", metadata={"help": "what the bootstrap resamples (as in report.md)",
+                                                "choices": list(UNITS)})
     baseline: str = field(default="rag", metadata={"help": "algorithm the other runs get paired bootstrap "
                                                            "intervals against ('' for none)"})
     plot: bool = field(default=True, metadata={"help": "write a bar chart of the table (PNG)"})
@@ -89,7 +94,7 @@ def compare(cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
         raise ValueError(f"--compare takes two run directories, got {len(cfg.compare)}")
     a, b = (Path(p) for p in cfg.compare)
     scores_a, scores_b = (evaluate_run(d, cfg, overwrite=cfg.overwrite) for d in (a, b))
-    result = report.compare_scores(scores_a, scores_b, n_boot=cfg.n_boot, seed=cfg.seed)
+    result = report.compare_scores(scores_a, scores_b, unit=cfg.unit, n_boot=cfg.n_boot, seed=cfg.seed)
     log.info(report.format_comparison(a.name, b.name, result))
     where = {"a": run_relative(a, cfg.run_dir), "b": run_relative(b, cfg.run_dir)}
     write_json(b / "eval" / f"compare_vs_{a.name}.json", {**where, "bootstrap": result})
@@ -101,10 +106,11 @@ def _intervals(cfg: EvaluateConfig, scores: dict[str, dict], metrics) -> str:
     base = f"{cfg.baseline}{cfg.tag}"
     if not cfg.baseline or base not in scores or len(scores) < 2:
         return ""
-    intervals = report.intervals_vs(scores, base, metrics, n_boot=cfg.n_boot, seed=cfg.seed)
-    n = next((r["n"] for by_metric in intervals.values() for r in by_metric.values()), 0)
-    return (f"Paired bootstrap 95% intervals against {base} ({n} samples, {cfg.n_boot} resamples; "
-            f"* = the interval excludes 0):\n\n" + report.interval_table(intervals, metrics))
+    intervals = report.intervals_vs(scores, base, metrics, unit=cfg.unit, n_boot=cfg.n_boot, seed=cfg.seed)
+    first = next((r for by_metric in intervals.values() for r in by_metric.values()), {"n": 0, "units": 0})
+    return (f"Paired bootstrap 95% intervals against {base}, resampling {cfg.unit}s ({first['n']} samples, "
+            f"{first['units']} {cfg.unit}s, {cfg.n_boot} resamples; * = the interval excludes 0):\n\n"
+            + report.interval_table(intervals, metrics))
 
 
 def run(cfg: EvaluateConfig) -> dict[str, dict]:

@@ -24,7 +24,8 @@ from stages.common import task_of
 from stages.workers import WorkersConfig, absolute_paths, run_chunks, user_chunks
 from steering.extract import KINDS, check_finite, check_pair, chunk_fingerprint, extract_pairs, load_chunk, save_chunk
 from steering.hooks import SITES
-from steering.model import DTYPES, check_layers, find_layers, load_model, load_tokenizer, resolve_device, resolve_dtype
+from steering.layers import check_layers, find_layers
+from steering.loading import DTYPES, load_model, load_tokenizer, resolve_device, resolve_dtype
 from steering.user_vectors import USER_STRATEGIES, user_vectors
 from steering.vectors import save_user_vectors, save_vectors
 

@@ -21,9 +21,9 @@ from stages.workers import WorkersConfig, absolute_paths, run_chunks, user_chunk
 from steering.aggregate import RETRIEVERS, WEIGHTINGS
 from steering.algorithms import ALGORITHMS, AlgoSettings, SteerSpec, build_algorithm
 from steering.decoding import decoding_kwargs
-from steering.generation import POSITIONS
-from steering.hooks import SITES
-from steering.model import check_layers, find_layers, load_model, load_tokenizer, model_name
+from steering.hooks import POSITIONS, SITES
+from steering.layers import check_layers, find_layers
+from steering.loading import load_model, load_tokenizer, model_name
 from steering.runner import UserAdapters, generate_records
 from steering.user_vectors import USER_STRATEGIES
 from tasks.base import DEFAULT_MAX_PROMPT_TOKENS, count_cut_inputs

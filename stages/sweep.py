@@ -18,7 +18,7 @@ from stages.common import task_of
 from stages.evaluate import evaluate_run
 from stages.generate import GenerateConfig, gen_dir
 from stages.generate import run as generate
-from steering.model import load_model
+from steering.loading import load_model
 
 log = logging.getLogger(__name__)
 

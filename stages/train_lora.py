@@ -32,7 +32,7 @@ from data_process.schema import checked_name
 from stages.common import StageConfig, finished_input, load_samples, require, task_of
 from steering.algorithms import AlgoSettings, build_algorithm
 from steering.lora import LoraRecipe, encode_example, mean_loss, save_adapter, train_adapter
-from steering.model import load_model, model_name
+from steering.loading import load_model, model_name
 from tasks.base import DEFAULT_MAX_PROMPT_TOKENS
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,11 @@ import torch
 
 from data_process.artifacts import Stage
 from eval.pwab_env import default_cache_dir, numbered_parts
-from eval.sasrec import CONFIG, WEIGHTS, SASRecConfig, save_sasrec, train_sasrec
+from eval.sasrec import CONFIG, WEIGHTS, SASRecConfig, save_sasrec
 from stages.common import ON_ERROR, StageConfig, task_of
-from steering.model import resolve_device
-from tasks.pwab import user_sequences
+from steering.loading import resolve_device
+from tasks.pwab_data import user_sequences
+from train.sasrec import train_sasrec
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from stages.extract_vectors import run as extract
 from stages.generate import GenerateConfig, gen_dir
 from stages.generate import run as generate
 from stages.report import split_section, write_report
-from steering.model import load_model
+from steering.loading import load_model
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from data_process.progress import tqdm
 
 from steering.hooks import StopForward, hidden_size, parse_key, record_activations, stop_after_layer
-from steering.model import chat_prompt, left_pad
+from steering.inputs import chat_prompt, left_pad
 
 KINDS = ("diff", "pos", "neg")
 PAIR_FIELDS = ("pair_id", "user_id", "sample_id", "prompt", "chosen", "rejected")

@@ -1,6 +1,6 @@
 """Batched, steerable generation shared by pair collection (03) and generation (05).
 
-Prompts are user messages rendered with :func:`steering.model.chat_prompt`, tokenized,
+Prompts are user messages rendered with :func:`steering.inputs.chat_prompt`, tokenized,
 sorted by token length (longest first, so padding is small and an out-of-memory batch
 shows up at once) -- the one place rows are sorted and batched -- left padded and decoded
 greedily by default.  Per-row steering deltas travel with their rows through the sort.
@@ -20,10 +20,8 @@ import torch
 from data_process.progress import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from steering.hooks import add_vectors
-from steering.model import chat_prompt, left_pad
-
-POSITIONS = ("all", "prompt", "response")
+from steering.hooks import POSITIONS, add_vectors
+from steering.inputs import chat_prompt, left_pad
 
 # A chat template's role marker that some models echo at the start of their answer.
 # "model" only before a newline (Gemma's turn header): "Model: X" can be a real answer.
@@ -129,7 +127,7 @@ def generate_batches(model, tok, messages: list[str], *, max_new_tokens: int, ba
     messages and ``batch_size``; a sampled answer depends only on its prompt and ``seed``
     (:class:`RowSampler`, :func:`prompt_seed`), and the global RNG is left untouched.
 
-    ``response_prefix`` opens every answer (:func:`steering.model.chat_prompt`) and is
+    ``response_prefix`` opens every answer (:func:`steering.inputs.chat_prompt`) and is
     part of the returned text; ``constraint(prompt_width, max_new_tokens)`` makes a
     batch's logits processor (:meth:`steering.decoding.ToolCallConstraint.processor`).
     """

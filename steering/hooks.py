@@ -8,7 +8,7 @@ Site keys are ``"<site>.<layer>"`` with site ``attn`` (what the attention branch
 the residual stream), ``mlp`` (what the MLP branch adds) or ``block`` (decoder layer
 output) -- on every family: where a layer normalizes a branch's output before the
 residual add (Gemma 2/3, OLMo 2), the site is that norm's output (see
-:data:`steering.model.FAMILIES`).  Injection and reading use the same modules.
+:data:`steering.layers.FAMILIES`).  Injection and reading use the same modules.
 
 How positions are known.  A site hook only sees its module's output ``[batch, T, hidden]``.
 A pre-hook on the model passed to :func:`add_vectors` reads, for every forward call, the
@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from steering.model import LayerModules, find_layers
+from steering.layers import LayerModules, find_layers
 
 SITES = ("attn", "mlp", "block")
+# Which tokens get a steering vector; the one definition (generation and the stages import it).
 POSITIONS = ("all", "prompt", "response")
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from data_process.progress import tqdm
 
-from steering.model import chat_prompt
+from steering.inputs import chat_prompt
 
 IGNORE = -100  # label of a token the loss skips (prompt, padding)
 

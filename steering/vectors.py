@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from data_process.artifacts import read_json, sha256_file, write_json
 from steering.hooks import hidden_size
-from steering.model import model_name
+from steering.loading import model_name
 
 VECTORS_FILE = "vectors.safetensors"
 INDEX_FILE = "vectors.index.json"

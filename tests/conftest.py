@@ -149,14 +149,14 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_llama_dir):
-    from steering.model import load_model
+    from steering.loading import load_model
 
     return load_model(tiny_llama_dir, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tiny_qwen2_dir):
-    from steering.model import load_model
+    from steering.loading import load_model
 
     return load_model(tiny_qwen2_dir, device="cpu", dtype="float32")
 

@@ -376,7 +376,7 @@ def test_non_utf8_input_names_the_file_and_the_byte_offset(finished, run, capsys
 # -- 6. the question is cut to the budget ----------------------------------------------------
 
 def test_a_huge_article_is_cut_to_the_prompt_budget_and_counted(run, capsys):
-    from steering.model import load_tokenizer
+    from steering.loading import load_tokenizer
 
     config, run_dir = run
     split = run_dir / "ranked" / "seen_test.jsonl"

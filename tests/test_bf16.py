@@ -17,7 +17,8 @@ import torch
 from steering.extract import encode_pair, extract_pairs
 from steering.generation import generate
 from steering.hooks import add_vectors, record_activations
-from steering.model import chat_prompt, load_model
+from steering.inputs import chat_prompt
+from steering.loading import load_model
 from tests.test_families import MESSAGES, PAIRS
 
 KINDS = ("llama", "gemma3", "gpt2")

@@ -10,7 +10,7 @@ from eval.pwab_tools import TOOLS, format_tool_call, parse_tool_call
 from steering.decoding import ToolCallConstraint, decoding_kwargs
 from steering.extract import encode_pair
 from steering.generation import eos_ids, generate
-from steering.model import chat_prompt
+from steering.inputs import chat_prompt
 from tasks import get_task
 
 PWAB, LAMP4 = get_task("pwab"), get_task("lamp4")

@@ -8,6 +8,7 @@ import pytest
 
 from data_process.artifacts import read_json, write_json, write_jsonl
 from eval import report
+from eval.bootstrap import bootstrap_diff
 from eval.metrics import meteor, meteor_available, rouge
 from stages.evaluate import EvaluateConfig, evaluate_run
 
@@ -63,26 +64,33 @@ def test_a_record_without_a_generation_is_an_error_naming_it():
         report.score_records([{"id": "x1", "user_id": "u", "gold": "g"}])
 
 
-def test_bootstrap_of_a_constant_improvement_is_exactly_that_improvement():
+def _per_sample(values: list[float], users: int = 1) -> dict:
+    return {"per_sample": [{"id": f"s{i}", "user_id": f"u{i % users}", "rougeL": v} for i, v in enumerate(values)]}
+
+
+@pytest.mark.parametrize("unit", ["user", "sample"])
+def test_bootstrap_of_a_constant_improvement_is_exactly_that_improvement(unit):
     a = [0.1, 0.5, 0.3, 0.9, 0.2]
-    result = report.paired_bootstrap(a, [x + 0.1 for x in a], n_boot=500)
-    assert result["diff"] == pytest.approx(0.1)
+    result = bootstrap_diff(_per_sample(a, 2), _per_sample([x + 0.1 for x in a], 2), "rougeL", unit=unit, n_boot=500)
+    assert result["diff"] == pytest.approx(0.1) and result["unit"] == unit
     assert result["low"] == pytest.approx(0.1) and result["high"] == pytest.approx(0.1)
+    assert result["p_le_0"] == 0.0
 
 
 def test_bootstrap_interval_straddles_zero_when_gains_and_losses_cancel():
-    a = [0.5] * 40
-    b = [0.6, 0.4] * 20
-    result = report.paired_bootstrap(a, b, n_boot=2000, seed=1)
+    a, b = _per_sample([0.5] * 40, 40), _per_sample([0.6, 0.4] * 20, 40)
+    result = bootstrap_diff(a, b, "rougeL", n_boot=2000, seed=1)
     assert result["diff"] == pytest.approx(0.0)
     assert result["low"] < 0 < result["high"]
 
 
-def test_bootstrap_is_seeded_and_refuses_unpaired_lists():
-    a, b = [0.0, 0.2, 0.4, 0.1], [0.3, 0.1, 0.5, 0.6]
-    assert report.paired_bootstrap(a, b, seed=3) == report.paired_bootstrap(a, b, seed=3)
-    with pytest.raises(ValueError, match="equal"):
-        report.paired_bootstrap([0.1, 0.2], [0.1])
+def test_bootstrap_is_seeded_and_refuses_runs_without_shared_samples_or_an_unknown_unit():
+    a, b = _per_sample([0.0, 0.2, 0.4, 0.1], 2), _per_sample([0.3, 0.1, 0.5, 0.6], 2)
+    assert bootstrap_diff(a, b, "rougeL", seed=3) == bootstrap_diff(a, b, "rougeL", seed=3)
+    with pytest.raises(ValueError, match="share no sample"):
+        bootstrap_diff(a, {"per_sample": [{"id": "other", "user_id": "u", "rougeL": 0.0}]}, "rougeL")
+    with pytest.raises(ValueError, match="unknown bootstrap unit 'day'"):
+        bootstrap_diff(a, b, "rougeL", unit="day")
 
 
 def test_compare_pairs_samples_by_id_whatever_their_order():
@@ -165,8 +173,39 @@ def test_the_run_report_gives_every_run_a_bootstrap_interval_against_rag(tmp_pat
     _finished_run(tmp_path, "oppu+fints", {i: (u, "nothing" if i < "s3" else g, g) for i, (u, g) in golds.items()})
     run_stage("evaluate", ["--task", "lamp4", "--run-dir", str(tmp_path), "--n-boot", "200"])
     report_md = (tmp_path / "generations" / "seen_test" / "results.md").read_text()
-    assert "Paired bootstrap 95% intervals against rag (6 samples, 200 resamples" in report_md
+    assert "Paired bootstrap 95% intervals against rag, resampling users (6 samples, 1 users, 200 resamples" \
+        in report_md
     assert "| oppu | +1.0000 [+1.0000, +1.0000] * |" in report_md
     row = next(line for line in report_md.splitlines() if line.startswith("| oppu+fints | +0.5000 ["))
     assert row.count("[") == 3 and "| rag |" not in report_md.split("intervals")[1]
     assert "| oppu | +1.0000 [+1.0000, +1.0000] * |" in caplog.text
+
+
+def _interval_cells(line: str) -> list[tuple[float, float, float]]:
+    """Every ``+d [+lo, +hi]`` cell of a Markdown table row, as numbers."""
+    import re
+
+    return [tuple(map(float, m)) for m in re.findall(r"([+-]\d\.\d+) \[([+-]\d\.\d+), ([+-]\d\.\d+)\]", line)]
+
+
+@pytest.mark.parametrize("unit", ["user", "sample"])
+def test_stage_06_and_the_run_report_print_the_same_interval_for_the_same_unit(tmp_path, unit):
+    # Users disagree (two gain everything, one a little, one loses), so resampling users and
+    # resampling samples give clearly different intervals: the two files must pick the same.
+    right = {"u1": 5, "u2": 5, "u3": 2, "u4": 0}
+    golds = {f"{u}-{i}": (u, "the cat sat") for u in right for i in range(5)}
+    _finished_run(tmp_path, "rag", {i: (u, g if u == "u4" else "nothing", g) for i, (u, g) in golds.items()})
+    _finished_run(tmp_path, "fints", {i: (u, g if int(i[-1]) < right[u] else "nothing", g)
+                                      for i, (u, g) in golds.items()})
+    common = ["--task", "lamp4", "--run-dir", str(tmp_path), "--n-boot", "300", "--unit", unit]
+    run_stage("evaluate", common + ["--algos", "rag", "fints"])
+    run_stage("report", common)
+    results = (tmp_path / "generations" / "seen_test" / "results.md").read_text()
+    assert f"resampling {unit}s" in results
+    row_06 = next(line for line in results.splitlines() if line.startswith("| fints | ") and "[" in line)
+    report_md = (tmp_path / "report.md").read_text()
+    row_report = next(line for line in report_md.splitlines() if line.startswith("| fints | ") and "[" in line)
+    ours, theirs = _interval_cells(row_06), _interval_cells(row_report)
+    assert len(ours) == len(theirs) >= 2
+    for cell_06, cell_report in zip(ours, theirs):  # 06 prints four decimals, report.md three
+        assert cell_06 == pytest.approx(cell_report, abs=6e-4)

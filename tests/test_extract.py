@@ -11,7 +11,7 @@ import torch
 from tests.conftest import run_stage
 from steering.extract import answer_means, check_finite, encode_pair, extract_chunked, extract_pairs
 from steering.hooks import record_activations
-from steering.model import chat_prompt
+from steering.inputs import chat_prompt
 from steering.vectors import VectorStore, load_user_vectors
 
 PAIRS = [

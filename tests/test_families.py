@@ -15,7 +15,9 @@ import torch
 
 from steering.extract import encode_pair, extract_pairs
 from steering.hooks import add_vectors
-from steering.model import chat_prompt, find_layers, load_model, model_family, parse_layout
+from steering.inputs import chat_prompt
+from steering.layers import find_layers, model_family, parse_layout
+from steering.loading import load_model
 from tests.conftest import FAMILIES
 
 MESSAGES = ["the quick brown fox", "Generate a headline for the following article: steering vectors",

@@ -10,7 +10,9 @@ import torch
 
 from data_process.artifacts import JsonlWriter, Stage, read_jsonl, write_json
 from data_process.config import CommonConfig, parse_config
-from steering.model import chat_prompt, find_layers, load_model
+from steering.inputs import chat_prompt
+from steering.layers import find_layers
+from steering.loading import load_model
 
 from .conftest import REAL_MODEL
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from steering.hooks import add_vectors, record_activations, stop_after_layer, StopForward
-from steering.model import chat_prompt, find_layers
+from steering.inputs import chat_prompt
+from steering.layers import find_layers
 
 MESSAGES = ["the quick brown fox", "Generate a headline for the following article: steering vectors",
             "JSON files"]

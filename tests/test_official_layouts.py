@@ -18,7 +18,8 @@ import pytest
 from data_process.ranking import rank_samples
 from data_process.timeline import time_keys
 from tasks import get_task
-from tasks.pwab import build_pwab_prompt, load_pwab
+from tasks.pwab import build_pwab_prompt
+from tasks.pwab_data import load_pwab
 
 from .conftest import FIXTURES, SHARED_DATA, run_stage
 

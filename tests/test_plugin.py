@@ -7,7 +7,8 @@ import torch
 
 from data_process.artifacts import JsonlWriter, read_jsonl
 from steering.algorithms import AlgoSettings, Prepared, ZeroShot
-from steering.model import find_layers, load_model
+from steering.layers import find_layers
+from steering.loading import load_model
 from steering.runner import UserAdapters, generate_records
 from tasks import get_task
 

@@ -1,4 +1,4 @@
-"""PersonalWAB loader and function-calling prompt (tasks/pwab.py), tool-call parsing (eval/pwab_tools.py)."""
+"""PersonalWAB loader (tasks/pwab_data.py) and function-calling prompt (tasks/pwab.py), tool-call parsing (eval/pwab_tools.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 
 from eval.pwab_tools import TOOLS, ToolCall, format_tool_call, parse_tool_call
 from tasks import get_task
-from tasks.pwab import TASK, build_pwab_prompt, load_pwab, user_sequences
+from tasks.pwab import TASK, build_pwab_prompt
+from tasks.pwab_data import load_pwab, user_sequences
 from tests.conftest import FIXTURES
 
 PWAB = FIXTURES / "pwab"

@@ -16,9 +16,10 @@ from data_process.config import parse_config
 from data_process.text import BM25
 from eval.pwab_env import PwabEnv, load_catalogue, product_text, search_index
 from eval.pwab_tools import ToolCall
-from eval.sasrec import SASRec, SASRecConfig, SASRecRecommender, load_sasrec, save_sasrec, train_sasrec
-from tasks.pwab import load_pwab, user_sequences
+from eval.sasrec import SASRec, SASRecConfig, SASRecRecommender, load_sasrec, save_sasrec
+from tasks.pwab_data import load_pwab, user_sequences
 from tests.conftest import FIXTURES
+from train.sasrec import train_sasrec
 
 PWAB = FIXTURES / "pwab"
 

@@ -9,9 +9,11 @@ import torch
 import data_process.dense
 from eval.pwab_eval import evaluate_pwab, rank_score, review_similarity
 from eval.pwab_tools import ToolCall, format_tool_call
-from eval.sasrec import save_sasrec, train_sasrec
-from tasks.pwab import TASK, load_pwab, user_sequences
+from eval.sasrec import save_sasrec
+from tasks.pwab import TASK
+from tasks.pwab_data import load_pwab, user_sequences
 from tests.conftest import FIXTURES, ROOT
+from train.sasrec import train_sasrec
 
 PWAB = FIXTURES / "pwab"
 ENCODER_DIR = ROOT / "models" / "all-minilm-l6-v2"

@@ -11,7 +11,8 @@ from collect.pwab_pairs import collect_pwab_pairs
 from eval.pwab_tools import ToolCall, format_tool_call
 from stages.collect_pairs import CollectPairsConfig
 from stages.common import task_of
-from tasks.pwab import TASK, build_pwab_prompt, load_pwab
+from tasks.pwab import TASK, build_pwab_prompt
+from tasks.pwab_data import load_pwab
 from tests.conftest import FIXTURES
 
 PWAB = FIXTURES / "pwab"

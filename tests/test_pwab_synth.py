@@ -10,7 +10,7 @@ import pytest
 
 from data_process.config import parse_config
 from eval import report
-from tasks.pwab import load_pwab
+from tasks.pwab_data import load_pwab
 from tests.conftest import FIXTURES, ROOT
 
 
@@ -72,7 +72,8 @@ def test_the_pwab_config_points_at_the_synthetic_benchmark():
 
 def test_per_type_intervals_compare_only_the_samples_of_that_type():
     def scores(values):
-        return {"per_sample": [{"id": str(i), "type": t, "facc": v} for i, (t, v) in enumerate(values)]}
+        return {"per_sample": [{"id": str(i), "user_id": f"u{i}", "type": t, "facc": v}
+                               for i, (t, v) in enumerate(values)]}
 
     base = scores([("search", 0.0), ("search", 0.0), ("review", 1.0)])
     better = scores([("search", 1.0), ("search", 1.0), ("review", 1.0)])

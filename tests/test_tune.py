@@ -7,7 +7,8 @@ import json
 import pytest
 
 from data_process.artifacts import read_json, read_jsonl
-from eval.run_report import bootstrap_diff, share_of_users_better
+from eval.bootstrap import bootstrap_diff
+from eval.run_report import share_of_users_better
 from stages.tune import best, covering
 from tests.conftest import run_stage
 from tests.test_pipeline import write_config, write_fixture

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from steering.model import model_name
+from steering.loading import model_name
 from steering.user_vectors import logistic_vector, mean_vector, pca_vector, user_vectors
 from steering.vectors import VectorStore, load_user_vectors, save_user_vectors, save_vectors
 

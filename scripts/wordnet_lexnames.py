@@ -1,5 +1,5 @@
 """Write WordNet 3.0's ``lexnames`` file, which NLTK's reader needs but Debian's
-``wordnet-base`` does not ship.  Usage: ``python -m eval.wordnet_lexnames PATH``."""
+``wordnet-base`` does not ship.  Usage: ``python -m scripts.wordnet_lexnames PATH``."""
 
 from __future__ import annotations
 

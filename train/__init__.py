@@ -1,0 +1,1 @@
+"""Training steps that stages run: models the pipeline fits before it uses them (SASRec)."""
