@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from data_process.artifacts import read_jsonl
+from data_process.artifact_io import read_jsonl
 from steering.algorithms import AlgoSettings, build_algorithm
 from steering.lora import LoraRecipe, answer_loss, collate, encode_example, length_grouped_batches
 from steering.model import load_model

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from data_process.artifacts import read_json, sha256_file, write_json
+from data_process.artifact_io import read_json, sha256_file, write_json
 from data_process.text import B, BM25, EPSILON, K1, tokenize
 from eval.pwab_tools import ToolCall
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from data_process.artifacts import MANIFEST, git_hash, package_versions, read_json
+from data_process.artifact_io import MANIFEST, read_json
+from data_process.fingerprint import git_hash, package_versions
 from eval.report import METRIC_NAMES, sample_values
 
 SETTING_KEYS = ("history_k", "layers", "sites", "alpha", "beta", "multipliers", "vec_strategy",

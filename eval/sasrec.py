@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from data_process.artifacts import read_json, write_json
+from data_process.artifact_io import read_json, write_json
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 

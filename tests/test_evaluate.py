@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from data_process.artifacts import read_json, write_json, write_jsonl
+from data_process.artifact_io import read_json, write_json, write_jsonl
 from eval import report
 from eval.metrics import meteor, meteor_available, rouge
 from stages.evaluate import EvaluateConfig, evaluate_run

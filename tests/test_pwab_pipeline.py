@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from data_process.artifacts import read_json, read_jsonl
+from data_process.artifact_io import read_json, read_jsonl
 from data_process.config import parse_config
 from stages import evaluate, generate
 from tests.conftest import FIXTURES
@@ -36,7 +36,7 @@ def pwab_run(tmp_path_factory, tiny_llama_dir):
         "model": str(tiny_llama_dir), "device": "cpu", "dtype": "float32", "seed": 3,
         "select_users": {"num_users": 4, "num_unseen": 2, "min_history": 2, "min_train": 2},
         "train_sasrec": {"hidden": 16, "blocks": 1, "heads": 1, "epochs": 5, "threads": 1},
-        "collect_pairs": {"num_neg_per_user": 1, "history_k": 2, "max_new_tokens": 80, "batch_size": 8,
+        "collect_pairs": {"tries": 1, "history_k": 2, "max_new_tokens": 80, "batch_size": 8,
                           "max_prompt_tokens": 512},
         "extract_vectors": {"layers": [1], "sites": ["attn", "mlp"], "save_dtype": "float32",
                             "user_strategies": ["mean"]},

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import stages.train_lora as train_lora
-from data_process.artifacts import read_json, read_jsonl
+from data_process.artifact_io import read_json, read_jsonl
 from tests.conftest import as_if_written_by_its_stage, run_stage
 from tests.test_pipeline import generate, generations, write_config, write_fixture
 
