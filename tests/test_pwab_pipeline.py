@@ -117,3 +117,20 @@ def test_constrained_tool_calls_give_pairs_vectors_and_steered_calls(pwab_run):
     differs = [i for i in rag if rag[i] != fints[i]]
     assert differs and all(json.loads(fints[i])["name"] for i in differs)
     assert not steered & {r["user_id"] for r in read_jsonl(gen / "fints" / "generations.jsonl") if r["id"] in differs}
+
+
+def test_sasrec_fingerprints_its_data_and_a_retrained_sasrec_makes_03_and_05_stale(pwab_run):
+    from stages import collect_pairs, train_sasrec
+
+    run_dir, _, manifests = pwab_run
+    assert any("user_history_part" in p for p in manifests["train_sasrec"]["fingerprint"]["inputs"])
+    assert any(p.endswith("sasrec/model.safetensors") for p in manifests["03_collect_pairs"]["fingerprint"]["inputs"])
+    argv = ["--config", str(run_dir.parent / "pwab.json")]
+    # Last in this module: it changes the environment the other tests' runs used.
+    train_sasrec.run(parse_config(train_sasrec.TrainSasrecConfig, [*argv, "--epochs", "6", "--overwrite"]))
+    with pytest.raises(ValueError, match=r"03_collect_pairs.*is stale: its inputs changed since it ran: "
+                                         r"\S*sasrec/model.safetensors"):
+        collect_pairs.run(parse_config(collect_pairs.CollectPairsConfig, argv))
+    with pytest.raises(ValueError, match=r"05_generate.*is stale: its inputs changed since it ran: "
+                                         r"\S*sasrec/model.safetensors \(upstream of \S*pairs.jsonl\)"):
+        generate.run(parse_config(generate.GenerateConfig, [*argv, "--algo", "fints"]))
