@@ -60,7 +60,7 @@ def generator_for(cfg: Any, task: Task, model, tok, desc: str) -> Callable[[list
     response prefix (and call constraint with ``cfg.constrained``), as stage 05 decodes."""
     return functools.partial(generate, model, tok, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                              do_sample=cfg.do_sample, temperature=cfg.sampling_temperature, top_p=cfg.top_p,
-                             seed=cfg.seed, desc=desc, **decoding_kwargs(task, model, tok, getattr(cfg, "constrained", None)))
+                             seed=cfg.seed, desc=desc, **decoding_kwargs(task, model, tok, cfg.constrained))
 
 
 class TextCollector:

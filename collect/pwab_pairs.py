@@ -94,7 +94,8 @@ class PwabCollector:
         missing = [n for n in ("history_k", "positive_k", "search_threshold", "review_threshold", "recommend_in_list")
                    if getattr(cfg, n) is None]
         if missing:
-            raise ValueError(f"PersonalWAB pair collection needs settings {missing} (the pwab task's defaults fill them)")
+            raise ValueError(f"PersonalWAB pair collection needs settings {missing} "
+                             "(the pwab task's defaults fill them)")
         self.cfg, self.task, self.other_samples, self.tok, self.encoder = cfg, task, other_samples, tok, encoder
         # The raw text is parsed by parse_tool_call, which finds the call among echoed schemas.
         self.generate = generate or generator_for(cfg, task, model, tok, "pwab calls")

@@ -30,8 +30,8 @@ class Stage:
     """Bookkeeping of one stage run in ``out_dir``, guarded by its fingerprint.
 
     ``inputs`` are every file the stage reads, declared here once: they are fingerprinted
-    (sha256) and listed in the manifest.  ``done`` is True when the stage finished with the same fingerprint: the caller skips
-    it.  A partial run with the same fingerprint resumes (the caller appends to its
+    (sha256) and listed in the manifest.  ``done`` is True when the stage finished with the
+    same fingerprint: the caller skips it.  A partial run with the same fingerprint resumes (the caller appends to its
     JSONL).  Different settings or model, or inputs changed since it ran (stale), raise
     ``ValueError`` naming them -- unless ``redo_changed`` (cheap, derived stages such as
     scoring), which starts afresh.

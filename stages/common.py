@@ -55,9 +55,11 @@ class PromptSettings:
 class DecodingSettings:
     """How answers are decoded, shared by 03 (its tries) and 05 (config section ``decoding``)."""
 
-    max_new_tokens: int | None = field(default=None, metadata={"min": 1, "help": "generation length (default: the task's)"})
+    max_new_tokens: int | None = field(default=None, metadata={"min": 1, "help": "generation length "
+                                                                       "(default: the task's)"})
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
-    sampling_temperature: float = field(default=1.0, metadata={"gt": 0, "help": "sampling temperature (with --do-sample)"})
+    sampling_temperature: float = field(default=1.0, metadata={"gt": 0, "help": "sampling temperature "
+                                                                         "(with --do-sample)"})
     top_p: float = field(default=1.0, metadata={"gt": 0, "max": 1, "help": "nucleus sampling mass (with --do-sample)"})
     constrained: bool | None = field(default=None, metadata={"help": "decode only valid calls of the task's call "
                                                                      "schema (default: the task's)"})

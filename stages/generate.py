@@ -166,7 +166,8 @@ def run(cfg: GenerateConfig, model=None, tok=None) -> Path:
     vectors = [stage_dir(cfg.run_dir, "vectors") / name for name in ALGORITHMS[cfg.algo].vector_files]
     for path in vectors:
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no steering vectors for --algo {cfg.algo} (run scripts/04_extract_vectors first)")
+            raise FileNotFoundError(f"{path}: no steering vectors for --algo {cfg.algo} "
+                                    "(run scripts/04_extract_vectors first)")
     samples = load_samples(source)
     samples = samples[: cfg.limit] if cfg.limit > 0 else samples
     adapters = _adapters(cfg, samples, source)

@@ -30,7 +30,8 @@ from data_process.artifact_io import JsonlWriter, read_json, read_jsonl, write_j
 from data_process.config import stage_dir
 from data_process.schema import checked_name
 from data_process.stage import Stage
-from stages.common import PromptSettings, StageConfig, finished_input, load_samples, require, task_of, with_task_defaults
+from stages.common import (PromptSettings, StageConfig, finished_input, load_samples, require, task_of,
+                           with_task_defaults)
 from steering.algorithms import AlgoSettings, build_algorithm
 from steering.lora import LoraRecipe, encode_example, mean_loss, save_adapter, train_adapter
 from steering.model import load_model, model_name
