@@ -31,11 +31,13 @@ SCORE_CUTS = (0.15, 0.2, 0.3, 0.4, 0.5)
 
 
 class Collector(Protocol):
-    """A task's way to collect pairs: one chunk of samples -> (pairs, done-markers)."""
+    """A task's way to collect pairs, built as ``Collector(cfg, task, other_samples, model,
+    tok)``: one chunk of samples -> (pairs, done-markers); a run's markers -> its summary."""
 
     def chunk(self, samples: list[dict]) -> tuple[list[dict], list[dict]]: ...
 
-    def summarize(self, markers: list[dict], users: set[str]) -> dict[str, Any]: ...
+    @staticmethod
+    def summarize(markers: list[dict], users: set[str]) -> dict[str, Any]: ...
 
 
 def judge_tries(sample: dict, tries: list[str | None], *, chosen: str, prompt: str, query: str,
