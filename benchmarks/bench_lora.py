@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from data_process.artifacts import read_jsonl
+from data_process.artifact_io import read_jsonl
 from steering.algorithms import AlgoSettings, build_algorithm
-from steering.lora import LoraRecipe, answer_loss, collate, encode_example, length_grouped_batches
 from steering.loading import load_model
+from steering.lora import LoraRecipe, answer_loss, collate, encode_example, length_grouped_batches
 from tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent

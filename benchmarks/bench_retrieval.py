@@ -107,7 +107,7 @@ def bench_retrieval(words: Words, sizes: list[int], hiddens: list[int], n_querie
             start = time.perf_counter()
             old = OldAggregator(texts, tensors, 5, 0.1)
             old_build = time.perf_counter() - start
-            new = PairAggregator(VectorStore({"keys": KEYS}, index, tensors), KEYS, top_k=5, temperature=0.1)
+            new = PairAggregator(VectorStore({"keys": KEYS}, index, tensors), KEYS, top_pairs=5, softmax_temperature=0.1)
             start = time.perf_counter()
             new.vectors(["u"], queries[:1])  # the user's index and vectors, built once
             new_build = time.perf_counter() - start
@@ -162,7 +162,7 @@ before = status("VmRSS")
 if mode == "all":
     held = {k: store.get(k) for k in keys}
 else:
-    agg = PairAggregator(store, keys, top_k=5)
+    agg = PairAggregator(store, keys, top_pairs=5)
     users = sorted(agg._rows)[:16]
     held = agg.vectors(users, ["w1 w2 w3"] * len(users))
 print(status("VmHWM") - before)

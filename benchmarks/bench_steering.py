@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from data_process.artifacts import read_jsonl
+from data_process.artifact_io import read_jsonl
 from steering.extract import encode_pair, extract_pairs
 from steering.hooks import StopForward, add_vectors, stop_after_layer
 from steering.inputs import chat_prompt
@@ -61,7 +61,7 @@ def _deltas(samples, vectors_dir: str, model) -> dict[str, torch.Tensor]:
         from steering.vectors import VectorStore
 
         store = VectorStore.load(vectors_dir, model=model, keys=KEYS)
-        agg = PairAggregator(store, KEYS, top_k=5)
+        agg = PairAggregator(store, KEYS, top_pairs=5)
         out = agg.vectors([s["user_id"] for s in samples], [s["input"] for s in samples])
         print(f"vectors: per-query aggregates from {vectors_dir} ({len(agg.missing_users)} users without pairs)")
         return out

@@ -1,14 +1,14 @@
 """Contrast-pair collection (stage 03), one collector per kind of task.
 
-A task names its collector (``Task.pair_collector``); every collector is
-``collector(cfg, task, samples, other_samples, model, tok, writer) -> summary``, and its
-summary of a whole run is ``SUMMARIES[name](done_markers, users)``.
+A task names its collector (``Task.pair_collector``); every collector is built as
+``Collector(cfg, task, other_samples, model, tok)`` and turns one chunk of samples into
+its pairs and done-markers (``chunk``) and the done-markers of a whole run into its
+summary (``summarize``); see :mod:`collect.loop`.
 """
 
 from __future__ import annotations
 
-from collect.pairs import collect_text_pairs, summarize
-from collect.pwab_pairs import collect_pwab_pairs, summarize_pwab
+from collect.pairs import TextCollector
+from collect.pwab_pairs import PwabCollector
 
-COLLECTORS = {"rouge": collect_text_pairs, "tool_calls": collect_pwab_pairs}
-SUMMARIES = {"rouge": summarize, "tool_calls": summarize_pwab}
+COLLECTORS = {"rouge": TextCollector, "tool_calls": PwabCollector}

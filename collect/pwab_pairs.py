@@ -8,7 +8,7 @@ For each training sample (``03_collect_pairs`` with task ``pwab``):
    search score (``1 - rank/len``) above ``search_threshold``, the target in the
    recommended list (``recommend_in_list``; else the search threshold applies too).
    A sample without a positive gives no pair.
-2. **Negatives.**  ``num_neg_per_user`` tries with the histories (top ``history_k``) of random
+2. **Negatives.**  ``tries`` tries with the histories (top ``history_k``) of random
    other users (seeded per sample); a try is kept when it names the wrong function or
    its score is under the type's threshold (review: similarity under
    ``review_threshold``).  Unparseable tries are dropped (``dropped_empty``; their
@@ -19,6 +19,7 @@ For each training sample (``03_collect_pairs`` with task ``pwab``):
 Pairs: ``{pair_id, user_id, sample_id, prompt, chosen, rejected, rouge_l, score,
 rejected_score}`` with ``prompt`` = the request without history; ``score`` is the
 positive's result score.  Generation, environment and encoder are injectable (tests).
+The chunk loop, done-markers, drop reasons and summary are :mod:`collect.loop`.
 """
 
 from __future__ import annotations
@@ -26,13 +27,10 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from collect.pairs import generator_for, other_users_pools, summarize
-from data_process.artifacts import read_jsonl
+from collect.loop import judge_tries, summarize
+from collect.pairs import generator_for, other_users_pools
 from eval.metrics import rouge_l
 from eval.pwab_env import PwabEnv, default_cache_dir
 from eval.pwab_eval import score_calls, target_review
@@ -83,52 +81,51 @@ def _other_histories(sample: dict, pool: list[dict], k: int, tries: int, seed: i
     return [rng.choice(donors)["history"][:k] if donors else [] for _ in range(tries)]
 
 
-def collect_pwab_pairs(cfg, task: Task, samples: list[dict], other_samples: list[dict], model, tok, writer, *,
-                       generate_fn: Callable[[list[str]], list[str]] | None = None,
-                       env=None, encoder=None) -> dict[str, Any]:
-    """Collect PersonalWAB pairs for samples ``writer`` has not finished; return the summary.
+class PwabCollector:
+    """PersonalWAB pairs (task collector ``tool_calls``).
 
-    ``cfg`` is the ``collect_pairs`` config (positive_k, history_k, num_neg_per_user,
-    search_threshold, review_threshold, recommend_in_list, max_prompt_tokens,
-    samples_per_chunk, seed, run_dir, data_dir, generation settings).  ``writer`` has
-    ``done_ids``, ``write(record)`` and ``mark_done(sample_id, **counts)``
-    (:class:`collect.pairs.PairWriter`).
+    ``cfg`` is the ``collect_pairs`` config with the task's defaults filled in (positive_k,
+    history_k, tries, search_threshold, review_threshold, recommend_in_list,
+    max_prompt_tokens, seed, run_dir, data_dir, decoding settings).
     """
-    missing = [n for n in ("history_k", "positive_k", "search_threshold", "review_threshold", "recommend_in_list")
-               if getattr(cfg, n) is None]
-    if missing:
-        raise ValueError(f"PersonalWAB pair collection needs settings {missing} (the pwab task's defaults fill them)")
-    # The raw text is parsed by parse_tool_call, which finds the call among echoed schemas.
-    generate_fn = generate_fn or generator_for(cfg, task, model, tok, "pwab calls")
-    env = env or PwabEnv(cfg.data_dir, default_cache_dir(cfg.run_dir))
-    pools = other_users_pools(samples, other_samples)
-    todo = [s for s in samples if s["id"] not in writer.done_ids]
-    failures: dict[str, Counter] = {}
-    markers = []
-    bar = tqdm(total=len(todo), desc="pwab pairs", unit="sample")
-    for start in range(0, len(todo), cfg.samples_per_chunk):
-        chunk = todo[start:start + cfg.samples_per_chunk]
-        positives = _positives(cfg, task, chunk, generate_fn, env, encoder, tok, failures)
-        asked = [s for s in chunk if s["id"] in positives]
-        tries = [(s, h) for s in asked for h in _other_histories(
-            s, pools.get(s["user_id"], []), cfg.history_k, cfg.num_neg_per_user, cfg.seed)]
-        texts = generate_fn([task.prompt(s, h, tok, cfg.max_prompt_tokens) for s, h in tries]) if tries else []
-        judged = _judged(cfg, [s for s, _ in tries], texts, env, encoder, failures)
+
+    def __init__(self, cfg, task: Task, other_samples: list[dict], model, tok, *,
+                 generate: Callable[[list[str]], list[str]] | None = None, env=None, encoder=None):
+        missing = [n for n in ("history_k", "positive_k", "search_threshold", "review_threshold", "recommend_in_list")
+                   if getattr(cfg, n) is None]
+        if missing:
+            raise ValueError(f"PersonalWAB pair collection needs settings {missing} "
+                             "(the pwab task's defaults fill them)")
+        self.cfg, self.task, self.other_samples, self.tok, self.encoder = cfg, task, other_samples, tok, encoder
+        # The raw text is parsed by parse_tool_call, which finds the call among echoed schemas.
+        self.generate = generate or generator_for(cfg, task, model, tok, "pwab calls")
+        self.env = env or PwabEnv(cfg.data_dir, default_cache_dir(cfg.run_dir))
+
+    def chunk(self, samples: list[dict]) -> tuple[list[dict], list[dict]]:
+        """The pairs and done-markers of ``samples``: positives first, then every negative try at once."""
+        cfg, task, tok = self.cfg, self.task, self.tok
+        failures: dict[str, Counter] = {}
+        positives = _positives(cfg, task, samples, self.generate, self.env, self.encoder, tok, failures)
+        pools = other_users_pools(samples, self.other_samples)
+        tries = [(s, h) for s in samples if s["id"] in positives for h in _other_histories(
+            s, pools.get(s["user_id"], []), cfg.history_k, cfg.tries, cfg.seed)]
+        texts = self.generate([task.prompt(s, h, tok, cfg.max_prompt_tokens) for s, h in tries]) if tries else []
         by_sample: dict[str, list] = {}
-        for (s, _), verdict in zip(tries, judged):
+        for (s, _), verdict in zip(tries, _judged(cfg, [s for s, _ in tries], texts, self.env, self.encoder, failures)):
             by_sample.setdefault(s["id"], []).append(verdict)
-        for s in chunk:
-            counts = _write_pairs(cfg, task, s, positives.get(s["id"]), by_sample.get(s["id"], []), writer, tok)
-            marker = {"user_id": s["user_id"], "type": s["type"], "positive": s["id"] in positives,
-                      "parse_failures": dict(failures.get(s["id"], {})), **counts}
-            writer.mark_done(s["id"], **marker)
-            markers.append({"sample_id": s["id"], **marker})
-            bar.update(1)
-    bar.close()
-    progress = getattr(writer, "progress_path", None)
-    if progress is not None and Path(progress).exists():
-        markers = read_jsonl(progress)  # earlier (resumed) runs count too
-    return summarize_pwab(markers, {s["user_id"] for s in samples})
+        pairs, markers = [], []
+        for s in samples:
+            records, counts = _judge(cfg, task, s, positives.get(s["id"]), by_sample.get(s["id"], []), tok)
+            pairs += records
+            markers.append({"sample_id": s["id"], "user_id": s["user_id"], "type": s["type"],
+                            "positive": s["id"] in positives, "parse_failures": dict(failures.get(s["id"], {})),
+                            **counts})
+        return pairs, markers
+
+    @staticmethod
+    def summarize(markers: list[dict], users: set[str]) -> dict[str, Any]:
+        """:func:`summarize_pwab`."""
+        return summarize_pwab(markers, users)
 
 
 def summarize_pwab(markers: list[dict], users: set[str]) -> dict[str, Any]:
@@ -144,29 +141,19 @@ def summarize_pwab(markers: list[dict], users: set[str]) -> dict[str, Any]:
     return summary
 
 
-def _write_pairs(cfg, task: Task, sample: dict, positive: tuple[str, float] | None, verdicts: list, writer,
-                 tok) -> dict:
-    counts: Counter = Counter(tries=len(verdicts))
+def _judge(cfg, task: Task, sample: dict, positive: tuple[str, float] | None, verdicts: list, tok
+           ) -> tuple[list[dict], dict]:
+    """One sample's pairs and counts: its negative tries (parsed calls) against its positive."""
     if positive is None:
-        return dict(counts)
+        return [], {"tries": len(verdicts)}
     chosen, chosen_score = positive
-    prompt = task.prompt(sample, [], tok, cfg.max_prompt_tokens)
-    seen = {chosen}
-    for t, (call, success, score) in enumerate(verdicts):
-        if call is None:
-            counts["dropped_empty"] += 1
-            continue
-        rejected = format_tool_call(call)
-        if rejected in seen:
-            counts["dropped_duplicate"] += 1
-            continue
-        seen.add(rejected)
-        if success:
-            counts["dropped_similar"] += 1  # other users' history still gave a good call
-            continue
-        counts["kept"] += 1
-        writer.write({"pair_id": f"{sample['id']}-n{t}", "user_id": sample["user_id"], "sample_id": sample["id"],
-                      "prompt": prompt, "query": task.query(sample), "chosen": chosen, "rejected": rejected,
-                      "rouge_l": round(rouge_l(rejected, chosen), 4), "score": round(chosen_score, 4),
-                      "rejected_score": round(score, 4)})
-    return dict(counts)
+
+    def verdict(t: int, rejected: str) -> tuple[bool, dict]:
+        _, success, score = verdicts[t]  # a success from other users' history is no negative
+        return success, {"rouge_l": round(rouge_l(rejected, chosen), 4), "score": round(chosen_score, 4),
+                         "rejected_score": round(score, 4)}
+
+    records, counts = judge_tries(sample, [format_tool_call(c) if c is not None else None for c, _, _ in verdicts],
+                                  chosen=chosen, prompt=task.prompt(sample, [], tok, cfg.max_prompt_tokens),
+                                  query=task.query(sample), verdict=verdict, seen=(chosen,))
+    return records, dict(counts)

@@ -14,9 +14,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from data_process.progress import tqdm
-
 from data_process.config import LOG_LEVELS, parse_config
+from data_process.progress import tqdm
 
 T = TypeVar("T")
 

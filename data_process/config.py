@@ -1,9 +1,11 @@
 """Stage configuration: one dataclass per stage, JSON defaults, CLI overrides.
 
 A task config (``configs/<task>.json``) holds the fields every stage shares at its top
-level (see :class:`CommonConfig`) and one section per stage, named by the config class's
-``SECTIONS`` (``select_users``, ``rank_history``, ...).  Precedence, lowest first:
-dataclass defaults < top-level keys < the stage's sections (in order) < CLI flags.  A key
+level (see :class:`CommonConfig`), shared sections of settings several stages read
+(``prompt``, ``decoding``) and one section per stage; a config class's ``SECTIONS`` names
+the ones it reads, shared ones first (``("prompt", "decoding", "generate")``).
+Precedence, lowest first: dataclass defaults < top-level keys < the stage's sections (in
+order, so a stage's own section overrides a shared one) < CLI flags.  A key
 that the stage does not know is an error naming the file and the key.  Every value is
 validated by one set of rules (:func:`value_problem`: the field's type, and its metadata's
 ``choices``, ranges, non-empty lists, plain names; floats finite), applied alike to a
@@ -27,7 +29,7 @@ from typing import Any, ClassVar, TypeVar
 
 from transformers import HfArgumentParser
 
-from data_process.artifacts import read_json
+from data_process.artifact_io import read_json
 from data_process.schema import SAFE_NAME_RULE, is_safe_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,8 +39,8 @@ T = TypeVar("T")
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
-# Names of the per-stage sections a task config may hold.
-STAGE_SECTIONS = ("select_users", "rank_history", "collect_pairs", "extract_vectors",
+# Names of the sections a task config may hold: shared ones, then one per stage.
+STAGE_SECTIONS = ("prompt", "decoding", "select_users", "rank_history", "collect_pairs", "extract_vectors",
                   "generate", "evaluate", "sweep", "train_sasrec", "train_lora", "tune", "report")
 
 
@@ -80,9 +82,10 @@ def choose(kind: str, name: str, registry: dict[str, T]) -> T:
     return registry[name]
 
 
-def config_defaults(path: str | Path, config_cls: type, section: str) -> dict[str, Any]:
-    """Read the defaults a task config gives stage ``section``, every value checked by
-    :func:`value_problem` (an error names the file, the section and the key)."""
+def config_defaults(path: str | Path, config_cls: type, sections: tuple[str, ...]) -> dict[str, Any]:
+    """Read the defaults a task config gives a stage: its top-level keys, then each of
+    ``sections`` in order (a later one wins), every value checked by :func:`value_problem`
+    (an error names the file, the section and the key)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -110,15 +113,16 @@ def config_defaults(path: str | Path, config_cls: type, section: str) -> dict[st
                              f" Top-level keys are {sorted(common)} and stage sections {list(STAGE_SECTIONS)}")
         if key in fields:
             take(key, value, "top-level ")
-    stage_raw = raw.get(section, {})
-    if not isinstance(stage_raw, dict):
-        raise ValueError(f"{path}: section {section!r} must be a JSON object")
-    for key, value in stage_raw.items():
-        if key.startswith("_"):
-            continue
-        if key not in fields:
-            raise ValueError(f"{path}: unknown key {key!r} in section {section!r}.{suggest(key, sorted(fields))}")
-        take(key, value, f"section {section!r}, ")
+    for section in sections:
+        stage_raw = raw.get(section, {})
+        if not isinstance(stage_raw, dict):
+            raise ValueError(f"{path}: section {section!r} must be a JSON object")
+        for key, value in stage_raw.items():
+            if key.startswith("_"):
+                continue
+            if key not in fields:
+                raise ValueError(f"{path}: unknown key {key!r} in section {section!r}.{suggest(key, sorted(fields))}")
+            take(key, value, f"section {section!r}, ")
     return defaults
 
 
@@ -220,8 +224,7 @@ def parse_config(config_cls: type[T], argv: list[str] | None = None) -> T:
     parser = _Parser(config_cls, allow_abbrev=False)
     config_path = _peek_config(argv)
     if config_path:
-        for section in config_cls.SECTIONS:
-            parser.set_defaults(**config_defaults(config_path, config_cls, section))
+        parser.set_defaults(**config_defaults(config_path, config_cls, config_cls.SECTIONS))
     (cfg,) = parser.parse_args_into_dataclasses(args=argv)
     check_settings(cfg)
     return cfg

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from data_process.progress import tqdm
 
 from data_process.config import choose
+from data_process.progress import tqdm
 from data_process.text import BM25, tokenize
 from data_process.timeline import time_keys
 

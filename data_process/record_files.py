@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_process.artifacts import read_json, read_text
+from data_process.artifact_io import read_json, read_text
 from data_process.records import ErrorLog
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_process.artifacts import check_finished, read_text
+from data_process.artifact_io import check_finished, read_text
 from data_process.config import choose
 from data_process.schema import validate_sample
 

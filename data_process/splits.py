@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from data_process.progress import tqdm
 
 from data_process.config import choose
+from data_process.progress import tqdm
 from data_process.ranking import Query, dense_vectors, item_text, sample_input
 from data_process.records import Benchmark
 from data_process.text import BM25

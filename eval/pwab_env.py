@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from data_process.progress import tqdm
 
-from data_process.artifacts import read_json, sha256_file, write_json
-from data_process.text import B, BM25, EPSILON, K1, tokenize
+from data_process.artifact_io import read_json, sha256_file, write_json
+from data_process.progress import tqdm
+from data_process.text import BM25, EPSILON, K1, B, tokenize
 from eval.pwab_tools import ToolCall
 
 log = logging.getLogger(__name__)

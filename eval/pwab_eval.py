@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from data_process.progress import tqdm
-
 from eval.pwab_tools import TYPES, ToolCall, parse_tool_call
 
 SAMPLE_METRICS = ["facc", "racc"]

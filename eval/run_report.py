@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_process.artifacts import MANIFEST, git_hash, package_versions, read_json
+from data_process.artifact_io import MANIFEST, read_json
+from data_process.fingerprint import git_hash, package_versions
 from eval.bootstrap import bootstrap_diff
 from eval.report import METRIC_NAMES
 

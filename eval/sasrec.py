@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data_process.artifacts import read_json, write_json
+from data_process.artifact_io import read_json, write_json
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 

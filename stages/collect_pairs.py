@@ -2,8 +2,9 @@
 
 Reads {run_dir}/ranked/train.jsonl (and remain_train.jsonl for other users' items) and
 writes {run_dir}/pairs/pairs.jsonl, progress.jsonl (per-sample done-markers: a killed
-run resumes where it stopped), summary.json and manifest.json (last).  How a try is
-judged is the task's collector (``Task.pair_collector``).
+run resumes where it stopped), summary.json and manifest.json (last).  How a chunk's
+tries are made and judged is the task's collector (``Task.pair_collector``, see
+:mod:`collect`); the chunks are the stage's, computed here or on workers.
 """
 
 from __future__ import annotations
@@ -13,47 +14,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from collect import COLLECTORS, SUMMARIES
-from collect.pairs import RAG_MODES, PairWriter
-from data_process.artifacts import Stage, read_jsonl, write_json
+from collect import COLLECTORS
+from collect.loop import PairWriter
+from collect.pairs import RAG_MODES
+from data_process.artifact_io import write_json
 from data_process.config import choose, stage_dir
-from stages.common import load_samples, require, task_of
-from stages.workers import WorkersConfig, absolute_paths, run_chunks, user_chunks, write_in_order
+from data_process.stage import Stage
+from stages.common import DecodingSettings, PromptSettings, load_samples, require, task_of, with_task_defaults
+from stages.train_sasrec import setup_files
+from stages.workers import WorkersConfig, absolute_paths, run_chunks, unfinished, user_chunks, write_in_order
 from steering.loading import load_model, load_tokenizer
-from tasks.base import DEFAULT_MAX_PROMPT_TOKENS, count_cut_inputs
+from tasks.base import count_cut_inputs
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class CollectPairsConfig(WorkersConfig):
-    """Stage 03 settings (config section ``collect_pairs``); unset values come from the task."""
+class CollectPairsConfig(WorkersConfig, PromptSettings, DecodingSettings):
+    """Stage 03 settings (config sections ``prompt``, ``decoding``, then ``collect_pairs``);
+    unset values come from the task."""
 
     STAGE = "03_collect_pairs"
-    SECTIONS = ("collect_pairs",)
+    SECTIONS = ("prompt", "decoding", "collect_pairs")
     # Rows of a batch are generated independently (left padding is masked), and chunks
     # only set how often progress is saved.
     NOT_IN_FINGERPRINT = WorkersConfig.NOT_IN_FINGERPRINT | {"batch_size", "samples_per_chunk", "collect_model"}
 
     collect_model: str = field(default="", metadata={"help": "model that writes the negatives (local dir); empty = --model"})
-    num_neg_per_user: int = field(default=2, metadata={"min": 1, "help": "generation tries per training sample (each may become one pair)"})
-    history_k: int | None = field(default=None, metadata={"min": 0, "help": "history items in each try's prompt (default: the task's)"})
+    tries: int = field(default=2, metadata={"min": 1, "help": "generation tries per training sample (each may become one pair)"})
     rag: str = field(default="others", metadata={"help": "history of a try: others (random samples of other users) | "
                                                          "history (the user's own ranked history)", "choices": list(RAG_MODES)})
     threshold: float | None = field(default=None, metadata={"min": 0, "max": 1, "help": "keep a try when its ROUGE-L F1 vs the gold is below this (default: the task's)"})
-    max_new_tokens: int | None = field(default=None, metadata={"min": 1, "help": "generation length (default: the task's)"})
     batch_size: int = field(default=16, metadata={"min": 1, "help": "prompts per generation batch"})
     samples_per_chunk: int = field(default=64, metadata={"min": 1, "help": "samples (of whole users) whose tries are generated together: the unit a worker computes and a resumed run redoes"})
-    max_prompt_tokens: int = field(default=DEFAULT_MAX_PROMPT_TOKENS, metadata={"min": 1, "help": "token budget of a prompt; history is shortened/dropped to fit"})
-    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
-    sampling_temperature: float = field(default=1.0, metadata={"gt": 0, "help": "sampling temperature (with --do-sample)"})
-    top_p: float = field(default=1.0, metadata={"gt": 0, "max": 1, "help": "nucleus sampling mass (with --do-sample)"})
     max_samples: int = field(default=0, metadata={"min": 0, "help": "collect for the first N training samples only (0 = all; for quick runs)"})
     search_threshold: float | None = field(default=None, metadata={"min": 0, "max": 1, "help": "PersonalWAB: a search call is correct when its result score 1 - rank/len(results) exceeds this"})
     recommend_in_list: bool | None = field(default=None, metadata={"help": "PersonalWAB: a recommendation counts as correct when the target is in the returned list"})
     review_threshold: float | None = field(default=None, metadata={"min": -1, "max": 1, "help": "PersonalWAB: a review whose similarity to the gold review is below this is a negative"})
     positive_k: int | None = field(default=None, metadata={"min": 0, "help": "PersonalWAB: history items in the prompt that collects positives"})
-    constrained: bool | None = field(default=None, metadata={"help": "decode only valid calls of the task's call schema (default: the task's)"})
 
 
 def _report(summary: dict) -> None:
@@ -73,22 +71,6 @@ def _report(summary: dict) -> None:
                  summary["rouge_l"]["quantiles"], summary["rouge_l"]["kept_below"])
 
 
-class _ChunkPairs:
-    """A collector's writer inside a worker: keeps a chunk's pairs and done-markers for the driver."""
-
-    def __init__(self):
-        self.done_ids: set[str] = set()
-        self.pairs: list[dict] = []
-        self.markers: list[dict] = []
-
-    def write(self, record: dict) -> None:
-        self.pairs.append(record)
-
-    def mark_done(self, sample_id: str, **counts: Any) -> None:
-        self.markers.append({"sample_id": sample_id, **counts})
-        self.done_ids.add(sample_id)
-
-
 class CollectJob:
     """Stage 03 on one worker: the collecting model loaded once, the task's collector per chunk.
 
@@ -98,54 +80,58 @@ class CollectJob:
 
     def __init__(self, cfg: CollectPairsConfig, inputs: list[Path]):
         self.cfg, self.inputs = cfg, [Path(p).resolve() for p in inputs]
-        self.model = None
+        self.collector = None
+        self.tok = None
 
     def __getstate__(self) -> dict:  # a worker loads its own model
-        return {"cfg": self.cfg, "inputs": self.inputs, "model": None}
+        return {"cfg": self.cfg, "inputs": self.inputs, "collector": None, "tok": None}
 
     def setup(self, users: list[str]) -> None:
-        """Load the samples and the model; a second call is a no-op (the driver sets a
-        one-worker job up before it writes)."""
-        if self.model is not None:
+        """Load the samples, the model and the collector; a second call is a no-op (the
+        driver sets a one-worker job up before it writes)."""
+        if self.collector is not None:
             return
         # train.jsonl was checked non-empty by the driver; remain_train may hold nothing
-        self.other_samples = [s for path in self.inputs for s in load_samples(path, allow_empty=True)]
-        self.task = task_of(self.cfg)
-        self.collector = choose("pair collector", self.task.pair_collector, COLLECTORS)
-        self.model, self.tok = load_model(self.cfg.collect_model or self.cfg.model, self.cfg.device, self.cfg.dtype,
-                                          layers_attr=self.cfg.layers_attr)
+        other_samples = [s for path in self.inputs for s in load_samples(path, allow_empty=True)]
+        task = task_of(self.cfg)
+        model, self.tok = load_model(self.cfg.collect_model or self.cfg.model, self.cfg.device, self.cfg.dtype,
+                                     layers_attr=self.cfg.layers_attr)
+        self.collector = COLLECTORS[task.pair_collector](self.cfg, task, other_samples, model, self.tok)
 
     def run(self, chunk) -> tuple[list[dict], list[dict]]:
         """The pairs and done-markers of a chunk's samples."""
-        out = _ChunkPairs()
-        self.collector(self.cfg, self.task, chunk.items, self.other_samples, self.model, self.tok, out)
-        return out.pairs, out.markers
+        return self.collector.chunk(chunk.items)
 
 
-def run(cfg: CollectPairsConfig) -> dict[str, Any] | None:
-    """Collect (or resume) the pairs; return the manifest (None when the stage had finished)."""
-    task = task_of(cfg)
-    require(cfg, "history_k", "max_new_tokens")
-    choose("pair collector", task.pair_collector, COLLECTORS)
+def _inputs(cfg: CollectPairsConfig, task) -> tuple[list[Path], list[Path]]:
+    """Every file stage 03 reads: the training samples (then remain_train: other users'
+    items), and the files of the task's setup stages its judge uses (PersonalWAB's SASRec)."""
     ranked = stage_dir(cfg.run_dir, "ranked")
     train_path, remain_path = ranked / "train.jsonl", ranked / "remain_train.jsonl"
     if not train_path.exists():
         raise FileNotFoundError(f"{train_path}: run scripts.02_rank_history first")
+    if not remain_path.exists():
+        log.warning("%s missing: other users' items come from train.jsonl only", remain_path)
+    return [p for p in (train_path, remain_path) if p.exists()], [p for p in setup_files(cfg.run_dir, task) if p.exists()]
+
+
+def run(cfg: CollectPairsConfig) -> dict[str, Any] | None:
+    """Collect (or resume) the pairs; return the manifest (None when the stage had finished)."""
+    cfg = with_task_defaults(cfg)
+    task = task_of(cfg)
+    require(cfg, "history_k", "max_new_tokens")
+    choose("pair collector", task.pair_collector, COLLECTORS)
+    sample_files, setup = _inputs(cfg, task)
     model_dir = cfg.collect_model or cfg.model
     stage = Stage(cfg.STAGE, stage_dir(cfg.run_dir, "pairs"), cfg, overwrite=cfg.overwrite,
-                  inputs=[p for p in (train_path, remain_path) if p.exists()], model=model_dir)
+                  inputs=[*sample_files, *setup], model=model_dir)
     if stage.done:
         return None
-    samples = load_samples(train_path)
+    samples = load_samples(sample_files[0])
     samples = samples[:cfg.max_samples] if cfg.max_samples else samples
     # Other users' items (every training sample, also past --max-samples, and remain_train):
     # read by each worker from these files.
-    inputs = [train_path]
-    if remain_path.exists():
-        inputs.append(remain_path)
-    else:
-        log.warning("%s missing: other users' items come from train.jsonl only", remain_path)
-    job = CollectJob(absolute_paths(cfg), inputs)
+    job = CollectJob(absolute_paths(cfg), sample_files)
     if cfg.workers == 1:  # the model is checked before anything is written
         job.setup([])
         tok = job.tok
@@ -154,30 +140,22 @@ def run(cfg: CollectPairsConfig) -> dict[str, Any] | None:
     prompts_cut = count_cut_inputs(task, samples, tok, cfg.max_prompt_tokens, cfg.STAGE)
     writer = PairWriter(stage.start())
     try:
-        chunks = user_chunks(samples, lambda s: s["user_id"], cfg.samples_per_chunk)
-        todo = [c for c in chunks if any(s["id"] not in writer.done_ids for s in c.items)]
+        todo = unfinished(user_chunks(samples, lambda s: s["user_id"], cfg.samples_per_chunk), writer.done_ids)
         done = len(samples) - sum(len(c.items) for c in todo)
         for _, (pairs, markers) in run_chunks(job, todo, cfg, desc="03 collect pairs", total=len(samples), done=done):
-            by_sample: dict[str, list[dict]] = {}
-            for pair in pairs:
-                by_sample.setdefault(pair["sample_id"], []).append(pair)
-            for marker in markers:  # a sample finished by an earlier run keeps that run's pairs
-                if marker["sample_id"] not in writer.done_ids:
-                    for pair in by_sample.get(marker["sample_id"], []):
-                        writer.write(pair)
-                    writer.mark_done(**marker)
+            writer.add(pairs, markers)
     finally:
         writer.close()
     ids = [s["id"] for s in samples]
     write_in_order(writer.pairs_path, ids, "sample_id")
     write_in_order(writer.progress_path, ids, "sample_id")
     # The done-markers of every run (a resumed one too) give the counts.
-    summary = {**SUMMARIES[task.pair_collector](read_jsonl(writer.progress_path), {s["user_id"] for s in samples}),
+    summary = {**COLLECTORS[task.pair_collector].summarize(writer.markers(), {s["user_id"] for s in samples}),
                "prompts_cut": prompts_cut}
     summary_path = stage.out_dir / "summary.json"
     write_json(summary_path, summary)
     _report(summary)
-    return stage.finish(inputs=inputs, outputs=[writer.pairs_path, writer.progress_path, summary_path],
+    return stage.finish(outputs=[writer.pairs_path, writer.progress_path, summary_path],
                         model=Path(model_dir).name, seed=cfg.seed, collect_model=str(model_dir),
                         totals=summary.get("totals"), users_without_pairs=summary.get("users_without_pairs"),
                         prompts_cut=prompts_cut)

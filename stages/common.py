@@ -1,20 +1,23 @@
-"""What every stage shares: the config fields with choices, task defaults, stage inputs."""
+"""What every stage shares: the config fields with choices, the prompt and decoding
+settings of the stages that write prompts, task defaults, stage inputs."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-from data_process.artifacts import MANIFEST, read_finished_jsonl
+from data_process.artifact_io import MANIFEST, read_finished_jsonl
 from data_process.config import CommonConfig, stage_dir
 from data_process.records import check_not_empty
 from data_process.schema import validate_sample
 from steering.loading import DTYPES
 from tasks import Task, get_task, task_names
+from tasks.base import DEFAULT_MAX_PROMPT_TOKENS
 
 ON_ERROR = ["stop", "skip"]
+C = TypeVar("C")
 
 
 @dataclass
@@ -36,17 +39,47 @@ class StageConfig(CommonConfig):
                                                  "choices": ["auto", *DTYPES]})
 
 
-def task_of(cfg: Any) -> Task:
-    """``cfg``'s task, with every unset (``None``) field the task has a default for filled in.
+@dataclass
+class PromptSettings:
+    """The prompt a model sees, shared by 03 (its tries), 05 and train_lora (config section
+    ``prompt``): stated once, so adapters learn the prompts 05 writes.  A stage that needs
+    another value sets it in its own section, which comes after ``prompt``."""
 
-    A field still ``None`` afterwards is one the task has no default for; stages that need
-    it say so.
+    history_k: int | None = field(default=None, metadata={"min": 0, "help": "history items in a prompt "
+                                                                   "(default: the task's)"})
+    max_prompt_tokens: int = field(default=DEFAULT_MAX_PROMPT_TOKENS, metadata={
+        "min": 1, "help": "token budget of a prompt; history is shortened or dropped to fit"})
+
+
+@dataclass
+class DecodingSettings:
+    """How answers are decoded, shared by 03 (its tries) and 05 (config section ``decoding``)."""
+
+    max_new_tokens: int | None = field(default=None, metadata={"min": 1, "help": "generation length "
+                                                                       "(default: the task's)"})
+    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
+    sampling_temperature: float = field(default=1.0, metadata={"gt": 0, "help": "sampling temperature "
+                                                                         "(with --do-sample)"})
+    top_p: float = field(default=1.0, metadata={"gt": 0, "max": 1, "help": "nucleus sampling mass (with --do-sample)"})
+    constrained: bool | None = field(default=None, metadata={"help": "decode only valid calls of the task's call "
+                                                                     "schema (default: the task's)"})
+
+
+def task_of(cfg: Any) -> Task:
+    """The task ``cfg`` names (see :func:`with_task_defaults` for its default settings)."""
+    return get_task(cfg.task)
+
+
+def with_task_defaults(cfg: C) -> C:
+    """A copy of ``cfg`` with every unset (``None``) field the task has a default for filled in.
+
+    ``cfg`` itself is left as it was given.  A field still ``None`` in the copy is one the
+    task has no default for; stages that need it say so (:func:`require`).
     """
-    task = get_task(cfg.task)
-    for f in dataclasses.fields(cfg):
-        if getattr(cfg, f.name) is None and f.name in task.defaults:
-            setattr(cfg, f.name, task.defaults[f.name])
-    return task
+    defaults = task_of(cfg).defaults
+    filled = {f.name: defaults[f.name] for f in dataclasses.fields(cfg)
+              if getattr(cfg, f.name) is None and f.name in defaults}
+    return dataclasses.replace(cfg, **filled)
 
 
 def require(cfg: Any, *names: str) -> None:

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_process.artifacts import Stage, read_finished_jsonl, read_json, run_relative, write_json, write_jsonl
+from data_process.artifact_io import read_finished_jsonl, read_json, run_relative, write_json, write_jsonl
 from data_process.config import stage_dir
+from data_process.stage import Stage
 from eval import report
 from eval.bootstrap import UNITS
 from stages.common import StageConfig, task_of
@@ -73,7 +74,7 @@ def evaluate_run(gen_dir: str | Path, cfg: Any, *, overwrite: bool = False) -> d
     # One line per sample (id, user, metrics): results can be joined and re-analysed.
     samples = stage.out_dir / "per_sample.jsonl"
     write_jsonl(samples, scores.get("per_sample", []))
-    stage.finish(inputs=[source], outputs=[out, samples], n=len(records), meteor_unavailable=scores.get("meteor_unavailable"))
+    stage.finish(outputs=[out, samples], n=len(records), meteor_unavailable=scores.get("meteor_unavailable"))
     return scores
 
 

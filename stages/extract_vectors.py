@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from data_process.artifacts import Stage, read_finished_jsonl, run_relative
+from data_process.artifact_io import read_finished_jsonl, run_relative
 from data_process.config import stage_dir
+from data_process.stage import Stage
 from stages.common import task_of
 from stages.workers import WorkersConfig, absolute_paths, run_chunks, user_chunks
 from steering.extract import KINDS, check_finite, check_pair, chunk_fingerprint, extract_pairs, load_chunk, save_chunk
@@ -165,5 +166,5 @@ def run(cfg: ExtractConfig) -> dict[str, Any] | None:
     user_path = save_user_vectors(out_dir, users, {**meta, "n_users": len({str(p["user_id"]) for p in pairs})}, save)
     shutil.rmtree(chunk_dir, ignore_errors=True)
     log.info("[%s] %d pairs x %d keys -> %s; user vectors -> %s", cfg.STAGE, len(pairs), len(keys), vec_path, user_path)
-    return stage.finish(inputs=[pairs_path], outputs=[vec_path, out_dir / "vectors.index.json", user_path],
+    return stage.finish(outputs=[vec_path, out_dir / "vectors.index.json", user_path],
                         model=name, seed=cfg.seed, n_pairs=len(pairs), keys=keys)

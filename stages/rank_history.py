@@ -14,10 +14,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_process.artifacts import MANIFEST, JsonlWriter, Stage
+from data_process.artifact_io import MANIFEST, JsonlWriter
 from data_process.config import stage_dir
 from data_process.ranking import RANKERS, rank_samples
 from data_process.records import ErrorLog, read_samples
+from data_process.stage import Stage
 from stages.common import ON_ERROR, finished_input, task_of
 from stages.workers import WorkersConfig, absolute_paths, run_chunks, user_chunks, write_in_order
 
@@ -126,6 +127,6 @@ def run(cfg: RankHistoryConfig) -> dict[str, Any] | None:
                      cfg.ranker, len(samples) - len(todo))
     if errors.errors:
         log.warning("[%s] skipped %d bad record(s):\n  %s", cfg.STAGE, len(errors.errors), "\n  ".join(errors.errors))
-    return stage.finish(inputs=inputs, outputs=[out_dir / name for name in files], seed=cfg.seed,
+    return stage.finish(outputs=[out_dir / name for name in files], seed=cfg.seed,
                         model=cfg.encoder if cfg.ranker == "dense" else None,
                         skipped_records=len(errors.errors), errors=errors.errors, counts=counts)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_process.artifacts import MANIFEST, read_json
+from data_process.artifact_io import MANIFEST, read_json
 from data_process.config import stage_dir
 from eval import run_report
 from stages.common import StageConfig, task_of

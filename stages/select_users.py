@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_process.artifacts import MANIFEST, Stage, write_jsonl
+from data_process.artifact_io import MANIFEST, write_jsonl
 from data_process.config import stage_dir
 from data_process.records import Benchmark
 from data_process.splits import build_splits, summary
-from stages.common import ON_ERROR, StageConfig, task_of
+from data_process.stage import Stage
+from stages.common import ON_ERROR, StageConfig, task_of, with_task_defaults
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def _encoder(cfg: SelectUsersConfig):
 
 def run(cfg: SelectUsersConfig) -> dict[str, Any] | None:
     """Write the split files; return the manifest (None when the stage had finished)."""
+    cfg = with_task_defaults(cfg)
     task = task_of(cfg)
     out_dir = stage_dir(cfg.run_dir, "data")
     if not Path(cfg.data_dir).is_dir():
@@ -108,7 +110,7 @@ def run(cfg: SelectUsersConfig) -> dict[str, Any] | None:
         log.warning("[%s] skipped %d bad record(s):\n  %s", cfg.STAGE, len(bench.errors), "\n  ".join(bench.errors))
     log.info("%s\n%s", loading_summary(bench), summary(splits))
     return stage.finish(
-        inputs=inputs, outputs=outputs, seed=cfg.seed,
+        outputs=outputs, seed=cfg.seed,
         skipped_records=len(bench.errors), errors=bench.errors, layout=bench.layout, loading=bench.stats,
         counts={name: len(samples) for name, samples in splits.files.items()},
         seen_users=splits.seen_users, unseen_users=splits.unseen_users,

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from data_process.artifacts import write_json
+from data_process.artifact_io import write_json
 from data_process.config import stage_dir
 from eval import report
-from stages.common import task_of
+from stages.common import task_of, with_task_defaults
 from stages.evaluate import evaluate_run
 from stages.generate import GenerateConfig, gen_dir
 from stages.generate import run as generate
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class SweepConfig(GenerateConfig):
     STAGE = "sweep"
-    SECTIONS = ("generate", "sweep")
+    SECTIONS = ("prompt", "decoding", "generate", "sweep")
 
     sweep_layers: list[int] = field(default_factory=lambda: [15], metadata={"min": 0, "non_empty": True, "help": "layers to try, one at a time"})
     sweep_multipliers: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0],
@@ -35,6 +35,7 @@ class SweepConfig(GenerateConfig):
 
 def run(cfg: SweepConfig) -> list[dict]:
     """Generate and score every point; return the points' scores."""
+    cfg = with_task_defaults(cfg)
     task = task_of(cfg)
     model, tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
     base = GenerateConfig(**{f.name: getattr(cfg, f.name) for f in fields(GenerateConfig)})

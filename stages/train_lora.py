@@ -26,14 +26,22 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from data_process.artifacts import JsonlWriter, Stage, read_json, read_jsonl, write_json
+from data_process.artifact_io import JsonlWriter, read_json, read_jsonl, write_json
 from data_process.config import stage_dir
 from data_process.schema import checked_name
-from stages.common import StageConfig, finished_input, load_samples, require, task_of
+from data_process.stage import Stage
+from stages.common import (
+    PromptSettings,
+    StageConfig,
+    finished_input,
+    load_samples,
+    require,
+    task_of,
+    with_task_defaults,
+)
 from steering.algorithms import AlgoSettings, build_algorithm
-from steering.lora import LoraRecipe, encode_example, mean_loss, save_adapter, train_adapter
 from steering.loading import load_model, model_name
-from tasks.base import DEFAULT_MAX_PROMPT_TOKENS
+from steering.lora import LoraRecipe, encode_example, mean_loss, save_adapter, train_adapter
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +50,16 @@ PROGRESS = "progress.jsonl"
 
 
 @dataclass
-class TrainLoraConfig(StageConfig):
-    """Settings of per-user LoRA training (config section ``train_lora``)."""
+class TrainLoraConfig(StageConfig, PromptSettings):
+    """Settings of per-user LoRA training (config sections ``prompt``, then ``train_lora``):
+    the prompt settings are 05's, so the adapters learn the prompts 05 writes."""
 
     STAGE = "train_lora"
-    SECTIONS = ("train_lora",)
+    SECTIONS = ("prompt", "train_lora")
 
     out_dir: str = field(default="", metadata={"help": "adapter directory (default {run_dir}/lora)"})
     prompt: str = field(default="rag", metadata={"help": "prompt of the examples: the one this generation "
                                                          "algorithm writes", "choices": PROMPTS})
-    history_k: int | None = field(default=None, metadata={"min": 0, "help": "history items in the prompt (default: the "
-                                                                   "task's; keep it equal to 05's)"})
-    max_prompt_tokens: int = field(default=DEFAULT_MAX_PROMPT_TOKENS, metadata={"min": 1, "help": "prompt budget in tokens"})
     max_answer_tokens: int = field(default=128, metadata={"min": 1, "help": "answer tokens trained on (longer answers are cut)"})
     rank: int = field(default=8, metadata={"min": 1, "help": "LoRA rank r"})
     lora_alpha: float = field(default=8.0, metadata={"gt": 0, "help": "LoRA scaling alpha"})
@@ -76,14 +82,17 @@ def adapter_dir(cfg: Any) -> Path:
 
 def run(cfg: TrainLoraConfig) -> dict[str, Any]:
     """Train (or resume) every seen user's adapter; return the manifest ({} when already finished)."""
+    cfg = with_task_defaults(cfg)
     task = task_of(cfg)
     require(cfg, "history_k")
     out = adapter_dir(cfg)
-    stage = Stage(cfg.STAGE, out, cfg, overwrite=cfg.overwrite)
-    if stage.done:
-        return {}
     ranked = finished_input(cfg.run_dir, "ranked", "02_rank_history")
     source = ranked / "train.jsonl"
+    # The test splits decide which training samples are skipped (see _without_test_leaks).
+    inputs = [source, *([ranked / "remain_train.jsonl"] if cfg.base else []), *sorted(ranked.glob("*test*.jsonl"))]
+    stage = Stage(cfg.STAGE, out, cfg, overwrite=cfg.overwrite, inputs=inputs)
+    if stage.done:
+        return {}
     samples = _without_test_leaks(load_samples(source), source, ranked)
     by_user: dict[str, list[dict]] = {}
     for s in samples:
@@ -113,7 +122,7 @@ def run(cfg: TrainLoraConfig) -> dict[str, Any]:
                           "loss_after": round(after, 4), "epoch_losses": [round(x, 4) for x in epochs],
                           "seconds": round(time.perf_counter() - start, 2)})
     rows = {r["user_id"]: r for r in read_jsonl(out / PROGRESS)}  # a retrained user's last line wins
-    return _finish(stage, cfg, model, source, out, rows, base)
+    return _finish(stage, cfg, model, out, rows, base)
 
 
 def _encoder(cfg: TrainLoraConfig, task, tok):
@@ -147,14 +156,14 @@ def _train_base(cfg: TrainLoraConfig, model, recipe: LoraRecipe, encode, pad_id:
     return base_dir
 
 
-def _finish(stage: Stage, cfg: TrainLoraConfig, model, source: Path, out: Path, rows: dict, base) -> dict:
+def _finish(stage: Stage, cfg: TrainLoraConfig, model, out: Path, rows: dict, base) -> dict:
     seconds = sorted(r["seconds"] for r in rows.values())
     if seconds:
         log.info("[train_lora] %d adapters; seconds per user: median %.1f, max %.1f, total %.1f; mean loss on the "
                  "training samples %.4f -> %.4f", len(rows), seconds[len(seconds) // 2], seconds[-1], sum(seconds),
                  sum(r["loss_before"] for r in rows.values()) / len(rows),
                  sum(r["loss_after"] for r in rows.values()) / len(rows))
-    return stage.finish(inputs=[source], outputs=[out / PROGRESS], model=model_name(model), seed=cfg.seed,
+    return stage.finish(outputs=[out / PROGRESS], model=model_name(model), seed=cfg.seed,
                         prompt={"algo": cfg.prompt, "history_k": cfg.history_k,
                                 "max_prompt_tokens": cfg.max_prompt_tokens},
                         base_adapter=str(base) if base else None,

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from data_process.artifacts import Stage
+from data_process.stage import Stage
 from eval.pwab_env import default_cache_dir, numbered_parts
 from eval.sasrec import CONFIG, WEIGHTS, SASRecConfig, save_sasrec
 from stages.common import ON_ERROR, StageConfig, task_of
 from steering.loading import resolve_device
+from tasks import Task
 from tasks.pwab_data import user_sequences
 from train.sasrec import train_sasrec
 
@@ -49,12 +50,22 @@ class TrainSasrecConfig(StageConfig):
     on_error: str = field(default="stop", metadata={"help": "what a bad history record does", "choices": ON_ERROR})
 
 
+def setup_files(run_dir: str | Path, task: Task) -> list[Path]:
+    """The files of ``task``'s setup stages that the stages after them read (inputs they
+    fingerprint): the SASRec checkpoint where PersonalWAB's tool environment finds it."""
+    if TrainSasrecConfig.STAGE not in task.setup_stages:
+        return []
+    sasrec = default_cache_dir(run_dir) / "sasrec"
+    return [sasrec / WEIGHTS, sasrec / CONFIG]
+
+
 def run(cfg: TrainSasrecConfig) -> dict[str, Any]:
     """Train and save the recommender; return the manifest ({} when the stage had finished)."""
     if cfg.STAGE not in task_of(cfg).setup_stages:
         raise ValueError(f"train_sasrec builds PersonalWAB's recommender; task {cfg.task!r} does not use it")
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_cache_dir(cfg.run_dir) / "sasrec"
-    stage = Stage(cfg.STAGE, out_dir, cfg, overwrite=cfg.overwrite)
+    inputs = numbered_parts(Path(cfg.data_dir), "user_history")  # every user's behaviours
+    stage = Stage(cfg.STAGE, out_dir, cfg, overwrite=cfg.overwrite, inputs=inputs)
     if stage.done:
         return {}
     sequences = user_sequences(cfg.data_dir, cfg.on_error)
@@ -77,6 +88,5 @@ def run(cfg: TrainSasrecConfig) -> dict[str, Any]:
     shown = curve if len(curve) <= 12 else curve[:6] + ["..."] + curve[-5:]
     log.info("[train_sasrec] loss per epoch: %s", shown)
     log.info("[train_sasrec] trained in %s s on %s; wrote %s", seconds, device, out_dir)
-    inputs = numbered_parts(Path(cfg.data_dir), "user_history")
-    return stage.finish(inputs=inputs, outputs=[out_dir / WEIGHTS, out_dir / CONFIG], seed=cfg.seed,
+    return stage.finish(outputs=[out_dir / WEIGHTS, out_dir / CONFIG], seed=cfg.seed,
                         losses=curve, train_seconds=seconds, items=len(item_ids), users=len(sequences))

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from data_process.artifacts import write_json
+from data_process.artifact_io import write_json
 from data_process.config import parse_config, stage_dir
 from eval.report import METRIC_NAMES
-from stages.common import task_of
+from stages.common import task_of, with_task_defaults
 from stages.evaluate import evaluate_run
 from stages.extract_vectors import ExtractConfig
 from stages.extract_vectors import run as extract
@@ -43,7 +43,7 @@ SITE_SETS = {"attn+mlp": ["attn", "mlp"], "block": ["block"]}
 @dataclass
 class TuneConfig(GenerateConfig):
     STAGE = "tune"
-    SECTIONS = ("generate", "tune")
+    SECTIONS = ("prompt", "decoding", "generate", "tune")
 
     tune_layers: list[int] = field(default_factory=lambda: [10, 15, 20], metadata={"min": 0, "non_empty": True, "help": "layers tried, one at a time"})
     tune_multipliers: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0],
@@ -121,6 +121,7 @@ def _extract_grid_layers(cfg: TuneConfig) -> None:
 
 def run(cfg: TuneConfig) -> dict[str, Any]:
     """Tune on the validation split, test once, write the report; return tune.json's content."""
+    cfg = with_task_defaults(cfg)
     task = task_of(cfg)
     _extract_grid_layers(cfg)
     model, tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)

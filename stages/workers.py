@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from data_process.artifacts import read_jsonl, write_jsonl
+from data_process.artifact_io import read_jsonl, write_jsonl
 from stages.common import StageConfig
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,11 @@ def user_chunks(items: list[Any], user_of, size: int) -> list[Chunk]:
             positions.extend(part)
     flush()
     return chunks
+
+
+def unfinished(chunks: list[Chunk], done: set[str], key: str = "id") -> list[Chunk]:
+    """The chunks with an item whose ``key`` is not in ``done`` (what a resumed run computes)."""
+    return [c for c in chunks if any(item[key] not in done for item in c.items)]
 
 
 def shards(chunks: list[Chunk], workers: int) -> list[list[Chunk]]:

@@ -4,7 +4,7 @@ For each query row, the user's pairs are scored against the query -- BM25 betwee
 query and each pair's query text (the task's query of the sample the pair was built
 from: article, title, request), or cosine similarity of dense embeddings -- the top-K
 are kept, and their vectors are averaged (``mean``) or weighted by
-``softmax(score / temperature)`` (``softmax``).
+``softmax(score / softmax_temperature)`` (``softmax``).
 
 A user's retrieval index and vectors are built when the user first appears (the store
 reads just that user's rows from disk) and kept in a least-recently-used cache bounded
@@ -75,20 +75,21 @@ class PairAggregator:
     first; the user being served always stays).
     """
 
-    def __init__(self, store: VectorStore, keys: list[str], top_k: int = 5, weighting: str = "softmax",
-                 temperature: float = 0.1, retriever: str = "bm25", encoder=None,
+    def __init__(self, store: VectorStore, keys: list[str], top_pairs: int = 5, pair_weighting: str = "softmax",
+                 softmax_temperature: float = 0.1, retriever: str = "bm25", encoder=None,
                  cache_mb: float = DEFAULT_CACHE_MB):
-        choose("weighting", weighting, {w: w for w in WEIGHTINGS})
+        choose("pair weighting", pair_weighting, {w: w for w in WEIGHTINGS})
         choose("retriever", retriever, {r: r for r in RETRIEVERS})
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if weighting == "softmax" and temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_pairs < 1:
+            raise ValueError(f"top_pairs must be >= 1, got {top_pairs}")
+        if pair_weighting == "softmax" and softmax_temperature <= 0:
+            raise ValueError(f"softmax_temperature must be > 0, got {softmax_temperature}")
         missing = [k for k in keys if k not in store.keys]
         if missing:
             raise ValueError(f"{store.path}: key(s) {missing} not loaded; available {sorted(store.keys)}")
         self.store, self.keys = store, list(keys)
-        self.top_k, self.weighting, self.temperature, self.retriever = top_k, weighting, temperature, retriever
+        self.top_pairs, self.pair_weighting, self.softmax_temperature = top_pairs, pair_weighting, softmax_temperature
+        self.retriever = retriever
         self.cache_bytes = int(cache_mb * 2**20)
         self._encoder = encoder
         self._rows = store.rows_by_user()
@@ -134,12 +135,12 @@ class PairAggregator:
         if entry is None:
             return None
         scores = self._scores(entry, queries)
-        k = min(self.top_k, scores.shape[1])
+        k = min(self.top_pairs, scores.shape[1])
         top, order = top_k(scores, k)
-        if self.weighting == "mean":
+        if self.pair_weighting == "mean":
             weights = torch.full_like(top, 1.0 / k)
         else:
-            weights = torch.softmax(top / self.temperature, dim=1)
+            weights = torch.softmax(top / self.softmax_temperature, dim=1)
         return entry, order, weights.float()
 
     def select(self, user_id: str, queries: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -80,9 +80,9 @@ class AlgoSettings:
     steer: SteerSpec | None = None
     vectors_dir: str | Path = ""
     vec_strategy: str = "mean"
-    top_k: int = 5
-    weighting: str = "softmax"
-    temperature: float = 0.1
+    top_pairs: int = 5               # fints: pairs retrieved and aggregated per query
+    pair_weighting: str = "softmax"
+    softmax_temperature: float = 0.1
     retriever: str = "bm25"
     model: Any = None                # checked against the vector store's metadata
     hidden_size: int = 0
@@ -184,9 +184,9 @@ class Fints(Rag):
 
         path = _stage04_file(settings, "fints", self.vector_files[0], "pair vectors")
         store = VectorStore.load(path, model=settings.model, keys=settings.steer.keys)
-        self.aggregator = PairAggregator(store, settings.steer.keys, top_k=settings.top_k,
-                                         weighting=settings.weighting,
-                                         temperature=settings.temperature,
+        self.aggregator = PairAggregator(store, settings.steer.keys, top_pairs=settings.top_pairs,
+                                         pair_weighting=settings.pair_weighting,
+                                         softmax_temperature=settings.softmax_temperature,
                                          retriever=settings.retriever)
 
     def __call__(self, samples: list[dict]) -> Prepared:

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from data_process.progress import tqdm
 
+from data_process.progress import tqdm
 from steering.hooks import StopForward, hidden_size, parse_key, record_activations, stop_after_layer
 from steering.inputs import chat_prompt, left_pad
 

@@ -17,9 +17,9 @@ import re
 from collections.abc import Callable, Iterator
 
 import torch
-from data_process.progress import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from data_process.progress import tqdm
 from steering.hooks import POSITIONS, add_vectors
 from steering.inputs import chat_prompt, left_pad
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from data_process.progress import tqdm
 
+from data_process.progress import tqdm
 from steering.inputs import chat_prompt
 
 IGNORE = -100  # label of a token the loss skips (prompt, padding)

@@ -3,27 +3,69 @@
 
 Records are written batch by batch (so a killed run resumes where it stopped); batches
 are length-sorted and mix users and queries with one steering row each.  With per-user
-LoRA adapters (``--plugin``), rows are grouped by user instead: see :class:`UserAdapters`.
+LoRA adapters (``--plugin``), rows are grouped by user instead: see :class:`UserAdapters`
+(checked once by :func:`find_adapters`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_process.artifact_io import JsonlWriter
 from data_process.progress import tqdm
-
-from data_process.artifacts import JsonlWriter
 from data_process.schema import checked_name
 from steering.algorithms import ZeroShot
 from steering.generation import generate_batches
 from tasks import Task
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class AdapterSet:
+    """Per-user adapters, ``root/<user_id>/``, as :func:`find_adapters` checked them (once)."""
+
+    root: Path
+    users: list[str]  # users with an adapter (sorted)
+    missing: list[str]  # users of the run without one: they run the base model
+
+    def files(self) -> list[Path]:
+        """The files a run reads from the users' adapters (their config and weights)."""
+        return [f for u in self.users
+                for f in [self.root / u / ADAPTER_CONFIG, *sorted((self.root / u).glob("adapter_model.*"))]]
+
+    def only(self, user_ids: list[str]) -> AdapterSet:
+        """The adapters of ``user_ids`` alone (a worker's share of the users)."""
+        wanted = set(user_ids)
+        return AdapterSet(self.root, [u for u in self.users if u in wanted], [u for u in self.missing if u in wanted])
+
+
+def find_adapters(plugin_dir: str | Path, user_ids: list[str], source: str | Path = "") -> AdapterSet:
+    """Check ``plugin_dir`` against the run's users: which have an adapter, which do not.
+
+    A user id names its adapter folder: one that is not a plain name ('../x', '/abs',
+    'a/b') would load an adapter from outside the directory, an error naming ``source``
+    (the file the ids come from).  No adapter for any user is an error too.
+    """
+    root = Path(plugin_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--plugin {root}: no such directory")
+    users = sorted(set(user_ids))
+    for user in users:
+        checked_name(user, f"{source} (adapters in --plugin {root})" if source else f"--plugin {root}")
+    found = [u for u in users if (root / u / ADAPTER_CONFIG).exists()]
+    if not found:
+        raise FileNotFoundError(f"--plugin {root}: no <user_id>/{ADAPTER_CONFIG} for any of "
+                                f"the {len(users)} users of this split")
+    return AdapterSet(root, found, [u for u in users if u not in found])
+
 
 class UserAdapters:
-    """Per-user PEFT LoRA adapters, ``plugin_dir/<user_id>/``, on top of a frozen model.
+    """Per-user PEFT LoRA adapters (an :class:`AdapterSet`) on top of a frozen model.
 
     Why group rows by user instead of one mixed batch with ``adapter_names=``: the shared
     generation utility (and its steering hooks) takes plain ``generate`` kwargs, and
@@ -32,21 +74,10 @@ class UserAdapters:
     steering applies on top of the adapter.  Users without an adapter run the base model.
     """
 
-    def __init__(self, model, plugin_dir: str | Path, user_ids: list[str], source: str | Path = ""):
-        """``source``: the file the user ids come from (named in errors)."""
+    def __init__(self, model, adapters: AdapterSet):
         from peft import PeftModel
 
-        root = Path(plugin_dir)
-        if not root.is_dir():
-            raise FileNotFoundError(f"--plugin {root}: no such directory")
-        # A user id names the adapter folder: one that is not a plain name ('../x', '/abs',
-        # 'a/b') would load an adapter from outside --plugin.
-        for user in sorted(set(user_ids)):
-            checked_name(user, f"{source} (adapters in --plugin {root})" if source else f"--plugin {root}")
-        found = [u for u in sorted(set(user_ids)) if (root / u / "adapter_config.json").exists()]
-        if not found:
-            raise FileNotFoundError(f"--plugin {root}: no <user_id>/adapter_config.json for any of "
-                                    f"the {len(set(user_ids))} users of this split")
+        found, root = adapters.users, adapters.root
         # Adapter names become module keys, so they must be plain identifiers.
         self.names = {u: f"user_{i}" for i, u in enumerate(found)}
         self.model = PeftModel.from_pretrained(model, root / found[0], adapter_name=self.names[found[0]])
@@ -54,7 +85,7 @@ class UserAdapters:
             self.model.load_adapter(root / user, adapter_name=self.names[user])
         self.model.eval()
         self.model.requires_grad_(False)
-        self.missing = sorted(set(user_ids) - set(found))
+        self.missing = adapters.missing
 
     def close(self) -> None:
         """Take the LoRA layers out again, leaving the base model as it was loaded."""

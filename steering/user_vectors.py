@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from data_process.progress import tqdm
 
 from data_process.config import choose
+from data_process.progress import tqdm
 
 
 def mean_vector(diff: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data_process.artifacts import read_json, sha256_file, write_json
+from data_process.artifact_io import read_json, sha256_file, write_json
 from steering.hooks import hidden_size
 from steering.loading import model_name
 

@@ -22,10 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from data_process.artifacts import read_json
+from data_process.artifact_io import read_json
 from data_process.assemble import assemble
-from data_process.records import (BadRecord, Benchmark, ErrorLog, UserIds, check_not_empty, history_items, need_id,
-                                  need_list, need_str)
+from data_process.records import (
+    BadRecord,
+    Benchmark,
+    ErrorLog,
+    UserIds,
+    check_not_empty,
+    history_items,
+    need_id,
+    need_list,
+    need_str,
+)
 from data_process.schema import make_sample
 from data_process.timeline import date_key
 from tasks.base import TextTask

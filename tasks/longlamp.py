@@ -28,8 +28,17 @@ from typing import Any
 
 from data_process.assemble import assemble
 from data_process.record_files import SUFFIXES, read_records
-from data_process.records import (BadRecord, Benchmark, ErrorLog, UserIds, check_not_empty, history_items, need_id,
-                                  need_list, need_str)
+from data_process.records import (
+    BadRecord,
+    Benchmark,
+    ErrorLog,
+    UserIds,
+    check_not_empty,
+    history_items,
+    need_id,
+    need_list,
+    need_str,
+)
 from data_process.schema import make_sample
 from data_process.timeline import date_key
 from tasks.base import TextTask

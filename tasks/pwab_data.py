@@ -29,7 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from data_process.artifacts import read_json
+from data_process.artifact_io import read_json
 from data_process.config import choose
 from data_process.records import Benchmark, ErrorLog, check_not_empty
 from data_process.schema import make_sample

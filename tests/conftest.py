@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_process.artifacts import read_json, sha256_file, write_json
+from data_process.artifact_io import read_json, sha256_file, write_json
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

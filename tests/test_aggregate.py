@@ -30,7 +30,7 @@ def _store(field="prompt"):
 
 
 def test_softmax_weights_sum_to_one_and_pick_the_hand_checked_top_k():
-    agg = PairAggregator(_store(), ["attn.1", "mlp.1"], top_k=3, temperature=0.5)
+    agg = PairAggregator(_store(), ["attn.1", "mlp.1"], top_pairs=3, softmax_temperature=0.5)
     rows, weights = agg.select("u1", ["red car"])
     # "fast red car" holds both words; "red apple pie" and "blue car engine" one each with
     # equal length, so they tie and keep index order; nothing else matches.
@@ -44,8 +44,8 @@ def test_softmax_weights_sum_to_one_and_pick_the_hand_checked_top_k():
 
 
 def test_softmax_weights_follow_score_over_temperature():
-    agg = PairAggregator(_store(), ["attn.1"], top_k=2, temperature=0.1)
-    hot = PairAggregator(_store(), ["attn.1"], top_k=2, temperature=100.0)
+    agg = PairAggregator(_store(), ["attn.1"], top_pairs=2, softmax_temperature=0.1)
+    hot = PairAggregator(_store(), ["attn.1"], top_pairs=2, softmax_temperature=100.0)
     scores = agg._scores(agg._user("u1"), ["red car"])[0]
     expected = torch.softmax(scores[[3, 0]] / 0.1, 0).float()
     torch.testing.assert_close(agg.select("u1", ["red car"])[1][0], expected)
@@ -53,13 +53,13 @@ def test_softmax_weights_follow_score_over_temperature():
 
 
 def test_mean_weighting_averages_the_top_k_equally():
-    agg = PairAggregator(_store(), ["attn.1"], top_k=2, weighting="mean")
+    agg = PairAggregator(_store(), ["attn.1"], top_pairs=2, pair_weighting="mean")
     out = agg.vectors(["u1"], ["engine"])
     assert out["attn.1"][0, 2] == 0.5 and out["attn.1"][0].sum() == pytest.approx(1.0)
 
 
 def test_a_batch_of_mixed_users_equals_each_query_alone_and_missing_users_get_zeros(caplog):
-    agg = PairAggregator(_store(), ["attn.1"], top_k=2)
+    agg = PairAggregator(_store(), ["attn.1"], top_pairs=2)
     users = ["u1", "u2", "nobody", "u1"]
     queries = ["red car", "again", "red car", "forest ocean"]
     with caplog.at_level(logging.WARNING):
@@ -73,7 +73,7 @@ def test_a_batch_of_mixed_users_equals_each_query_alone_and_missing_users_get_ze
 
 
 def test_a_user_with_fewer_pairs_than_k_uses_all_of_them():
-    out = PairAggregator(_store(), ["attn.1"], top_k=10, weighting="mean").vectors(["u2"], ["x"])
+    out = PairAggregator(_store(), ["attn.1"], top_pairs=10, pair_weighting="mean").vectors(["u2"], ["x"])
     torch.testing.assert_close(out["attn.1"][0, 6:], torch.tensor([0.5, 0.5]))
 
 
@@ -88,14 +88,14 @@ class _KeywordEncoder:
 
 
 def test_dense_retrieval_ranks_by_embedding_similarity():
-    agg = PairAggregator(_store(), ["attn.1"], top_k=1, retriever="dense", encoder=_KeywordEncoder())
+    agg = PairAggregator(_store(), ["attn.1"], top_pairs=1, retriever="dense", encoder=_KeywordEncoder())
     rows, weights = agg.select("u1", ["a walk in the forest"])
     assert rows.tolist() == [[4]] and weights.tolist() == [[1.0]]
 
 
 def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="Did you mean 'softmax'"):
-        PairAggregator(_store(), ["attn.1"], weighting="softmx")
+        PairAggregator(_store(), ["attn.1"], pair_weighting="softmx")
     with pytest.raises(ValueError, match="retriever"):
         PairAggregator(_store(), ["attn.1"], retriever="tfidf")
     with pytest.raises(ValueError, match="not loaded"):
@@ -105,10 +105,10 @@ def test_bad_settings_are_clear_errors():
 def test_pairs_are_retrieved_by_their_query_field_and_old_stores_by_their_prompt(caplog):
     store = _store("query")
     store.index = [{**r, "prompt": "Write about: ocean waves sound"} for r in store.index]  # prompts all alike
-    rows, _ = PairAggregator(store, ["attn.1"], top_k=1).select("u1", ["red car"])
+    rows, _ = PairAggregator(store, ["attn.1"], top_pairs=1).select("u1", ["red car"])
     assert rows.tolist() == [[3]]
     with caplog.at_level(logging.WARNING):
-        PairAggregator(_store(), ["attn.1"], top_k=1)
+        PairAggregator(_store(), ["attn.1"], top_pairs=1)
     assert "no 'query' field" in caplog.text
 
 
@@ -129,11 +129,11 @@ def test_a_lazy_store_aggregates_like_an_in_memory_one_and_reads_one_user_at_a_t
     real_read = VectorStore.read
     monkeypatch.setattr(VectorStore, "read", lambda self, key, rows: read.append(rows) or real_read(self, key, rows))
     users, queries = ["u0", "u2", "u0", "u1"], ["w1 w3", "w5", "w2 w2 w9", "w10 w0"]
-    agg = PairAggregator(lazy, ["attn.1", "mlp.1"], top_k=3)
+    agg = PairAggregator(lazy, ["attn.1", "mlp.1"], top_pairs=3)
     got = agg.vectors(users[:2], queries[:2])
     assert read == [[0, 3, 6, 9, 12, 15, 18]] * 2 + [[2, 5, 8, 11, 14, 17, 20]] * 2  # u1 not read
     got = {k: torch.cat([v, agg.vectors(users[2:], queries[2:])[k]]) for k, v in got.items()}
-    expected = PairAggregator(memory, ["attn.1", "mlp.1"], top_k=3).vectors(users, queries)
+    expected = PairAggregator(memory, ["attn.1", "mlp.1"], top_pairs=3).vectors(users, queries)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key])
 
@@ -141,7 +141,7 @@ def test_a_lazy_store_aggregates_like_an_in_memory_one_and_reads_one_user_at_a_t
 def test_the_user_cache_is_bounded_and_an_evicted_user_is_read_again(tmp_path):
     lazy, _ = _lazy_store(tmp_path)
     one_user = 2 * 7 * 8 * 2  # keys x pairs x hidden x fp16 bytes
-    agg = PairAggregator(lazy, ["attn.1", "mlp.1"], top_k=2, cache_mb=1.5 * one_user / 2**20)
+    agg = PairAggregator(lazy, ["attn.1", "mlp.1"], top_pairs=2, cache_mb=1.5 * one_user / 2**20)
     first = agg.vectors(["u0"], ["w1"])["attn.1"]
     agg.vectors(["u1"], ["w1"])
     assert list(agg._cache) == ["u1"]  # u0 evicted: the bound holds one user

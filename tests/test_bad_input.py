@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data_process.artifacts import read_json, read_jsonl
+from data_process.artifact_io import read_json, read_jsonl
 from data_process.cli import main
 from tests.conftest import as_if_written_by_its_stage, run_stage
 from tests.test_pipeline import write_config, write_fixture

@@ -6,9 +6,12 @@ import json
 
 import pytest
 
-from collect.pairs import PairSettings, PairWriter, collect_pairs, other_users_pools, try_histories
-from data_process.artifacts import read_jsonl, write_jsonl
-
+from collect.loop import PairWriter
+from collect.pairs import TextCollector, other_users_pools, try_histories
+from data_process.artifact_io import read_jsonl, write_jsonl
+from stages.collect_pairs import CollectPairsConfig
+from stages.common import with_task_defaults
+from stages.workers import unfinished, user_chunks
 from tasks import get_task
 
 from .conftest import ROOT, run_stage
@@ -55,12 +58,16 @@ class FakeGenerator:
 
 
 def run(tmp_path, generator, **settings):
-    settings = {"task": get_task("lamp4"), "samples_per_chunk": 2, "seed": 1, **settings}
+    """The stage's loop in this process: its chunks of whole users, the unfinished ones collected."""
+    cfg = with_task_defaults(CollectPairsConfig(**{"task": "lamp4", "samples_per_chunk": 2, "seed": 1, **settings}))
+    collector = TextCollector(cfg, get_task("lamp4"), SAMPLES + REMAIN, None, None, generate=generator)
     writer = PairWriter(tmp_path)
     try:
-        return collect_pairs(SAMPLES, SAMPLES + REMAIN, generator, PairSettings(**settings), writer)
+        for chunk in unfinished(user_chunks(SAMPLES, lambda s: s["user_id"], cfg.samples_per_chunk), writer.done_ids):
+            writer.add(*collector.chunk(chunk.items))
     finally:
         writer.close()
+    return collector.summarize(writer.markers(), {s["user_id"] for s in SAMPLES})
 
 
 def test_rouge_filter_keeps_only_tries_unlike_the_gold(tmp_path):
@@ -117,8 +124,8 @@ def test_seeded_runs_are_identical_and_seeds_matter(tmp_path):
 
 def test_all_tries_of_a_chunk_of_samples_go_to_the_generator_at_once(tmp_path):
     fake = FakeGenerator()
-    run(tmp_path, fake, samples_per_chunk=4, tries=3)
-    assert [len(c) for c in fake.calls] == [12, 12, 3]
+    run(tmp_path, fake, samples_per_chunk=6, tries=3)
+    assert [len(c) for c in fake.calls] == [18, 9]  # the stage's chunks (whole users), no second chunking
 
 
 def test_a_killed_collection_resumes_without_duplicates_or_gaps(tmp_path):
@@ -126,14 +133,14 @@ def test_a_killed_collection_resumes_without_duplicates_or_gaps(tmp_path):
     run(full, FakeGenerator())
     resumed = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        run(resumed, FakeGenerator(fail_on_call=3))  # chunks 1 and 2 (4 samples) finished
+        run(resumed, FakeGenerator(fail_on_call=3))  # chunks 1 and 2 (ua: 3 samples) finished
     # A kill between a sample's pairs and its done-marker leaves pairs of an open sample.
     with open(resumed / "pairs.jsonl", "a") as f:
         f.write(json.dumps({"pair_id": "ub-s2-n0", "sample_id": "ub-s2", "user_id": "ub"}) + "\n")
         f.write('{"pair_id": "ub-s2-n1", "sam')  # and a torn line
     again = FakeGenerator()
     summary = run(resumed, again)
-    assert sum(len(c) for c in again.calls) == (9 - 4) * 2  # finished samples are not redone
+    assert sum(len(c) for c in again.calls) == (9 - 3) * 2  # finished samples are not redone
     assert read_jsonl(resumed / "pairs.jsonl") == read_jsonl(full / "pairs.jsonl")
     assert summary["totals"]["samples"] == 9
     assert len(read_jsonl(resumed / "progress.jsonl")) == 9
@@ -167,40 +174,64 @@ def test_the_stage_collects_pairs_with_a_tiny_model_and_skips_when_done(tmp_path
     assert "already finished" in caplog.text
 
 
-def test_task_config_sections_and_task_defaults_fill_the_stage_config():
+def test_task_config_sections_and_task_defaults_fill_a_copy_of_the_stage_config():
     from data_process.config import parse_config
-    from stages.collect_pairs import CollectPairsConfig
-    from stages.common import task_of
 
     for task, threshold in [("lamp4", 0.15), ("longlamp", 0.2)]:
         cfg = parse_config(CollectPairsConfig, ["--config", str(ROOT / "configs" / f"{task}.json")])
-        task_of(cfg)
-        assert cfg.threshold == threshold
+        assert with_task_defaults(cfg).threshold == threshold
+        assert cfg.threshold is None  # the parsed config is left as it was given
     cfg = parse_config(CollectPairsConfig, ["--config", str(ROOT / "configs" / "lamp4.json"), "--threshold", "0.4"])
-    task_of(cfg)
-    assert cfg.threshold == 0.4  # a flag wins over the task's default
-    cfg = parse_config(CollectPairsConfig, ["--config", str(ROOT / "configs" / "pwab.json")])
-    task_of(cfg)
+    assert with_task_defaults(cfg).threshold == 0.4  # a flag wins over the task's default
+    cfg = with_task_defaults(parse_config(CollectPairsConfig, ["--config", str(ROOT / "configs" / "pwab.json")]))
     assert (cfg.search_threshold, cfg.review_threshold, cfg.positive_k) == (0.65, 0.51, 5)
 
 
-def test_the_stage_hands_pwab_collection_to_the_task_s_collector(tmp_path, tiny_llama_dir, monkeypatch):
+def test_shared_prompt_and_decoding_sections_are_stated_once_and_a_stage_section_overrides_them():
+    from data_process.config import parse_config
+    from stages.generate import GenerateConfig
+    from stages.train_lora import TrainLoraConfig
+
+    demo = ["--config", str(ROOT / "configs" / "demo.json")]
+    gen, lora, pairs = (parse_config(c, demo) for c in (GenerateConfig, TrainLoraConfig, CollectPairsConfig))
+    assert (gen.history_k, gen.max_prompt_tokens) == (lora.history_k, lora.max_prompt_tokens) == (3, 384)
+    assert (pairs.history_k, pairs.max_prompt_tokens) == (2, 256)  # 03 says so in its own section
+    assert gen.max_new_tokens == pairs.max_new_tokens == 20
+    assert parse_config(GenerateConfig, [*demo, "--history-k", "1"]).history_k == 1  # a flag wins
+
+
+class FakeCollector:
+    """Records what the stage hands it; one pair for the first sample of each chunk."""
+
+    seen: dict = {}
+
+    def __init__(self, cfg, task, other_samples, model, tok):
+        FakeCollector.seen.update(task=task.name, others=len(other_samples), positive_k=cfg.positive_k)
+
+    def chunk(self, samples):
+        FakeCollector.seen.setdefault("chunks", []).append(len(samples))
+        pairs = [{"pair_id": "p0", "user_id": samples[0]["user_id"], "sample_id": samples[0]["id"], "prompt": "q",
+                  "chosen": "c", "rejected": "r", "rouge_l": 0.0, "score": 0.1}]
+        markers = [{"sample_id": s["id"], "user_id": s["user_id"], "tries": 1, "kept": int(i == 0)}
+                   for i, s in enumerate(samples)]
+        return pairs, markers
+
+    @staticmethod
+    def summarize(markers, users):
+        from collect.pwab_pairs import summarize_pwab
+
+        return summarize_pwab(markers, users)
+
+
+def test_the_stage_hands_its_chunks_to_the_task_s_collector(tmp_path, tiny_llama_dir, monkeypatch):
     import collect
 
-    seen = {}
-
-    def fake_collect(cfg, task, samples, other_samples, model, tok, writer):
-        seen.update(task=task.name, n=len(samples), others=len(other_samples), done=set(writer.done_ids),
-                    positive_k=cfg.positive_k)
-        writer.write({"pair_id": "p0", "user_id": "ua", "sample_id": samples[0]["id"], "prompt": "q",
-                      "chosen": "c", "rejected": "r", "rouge_l": 0.0, "score": 0.1})
-        writer.mark_done(samples[0]["id"], user_id="ua", tries=1, kept=1)
-        return {"pwab": {"search": 1}}
-
-    monkeypatch.setitem(collect.COLLECTORS, "tool_calls", fake_collect)
+    monkeypatch.setitem(collect.COLLECTORS, "tool_calls", FakeCollector)
     write_jsonl(tmp_path / "ranked" / "train.jsonl", SAMPLES)
-    run_stage("collect_pairs", ["--task", "pwab", "--run-dir", str(tmp_path), "--model", str(tiny_llama_dir), "--device", "cpu"])
-    assert seen == {"task": "pwab", "n": 9, "others": 9, "done": set(), "positive_k": 5}
+    run_stage("collect_pairs", ["--task", "pwab", "--run-dir", str(tmp_path), "--model", str(tiny_llama_dir),
+                                "--device", "cpu", "--samples-per-chunk", "6"])
+    assert FakeCollector.seen == {"task": "pwab", "others": 9, "positive_k": 5, "chunks": [6, 3]}
     summary = json.loads((tmp_path / "pairs" / "summary.json").read_text())
-    assert summary["pwab"]["positives"] == 0 and summary["totals"]["kept"] == 1
-    assert len(read_jsonl(tmp_path / "pairs" / "pairs.jsonl")) == 1
+    assert summary["pwab"]["positives"] == 0 and summary["totals"]["kept"] == 2
+    assert len(read_jsonl(tmp_path / "pairs" / "pairs.jsonl")) == 2
+    assert len(read_jsonl(tmp_path / "pairs" / "progress.jsonl")) == 9

@@ -6,14 +6,13 @@ import json
 
 import pytest
 
-from data_process.artifacts import read_json, write_json, write_jsonl
+from data_process.artifact_io import read_json, write_json, write_jsonl
 from eval import report
 from eval.bootstrap import bootstrap_diff
 from eval.metrics import meteor, meteor_available, rouge
 from stages.evaluate import EvaluateConfig, evaluate_run
 
 from .conftest import run_stage
-
 
 
 def test_rouge_of_a_prefix_is_two_thirds_when_it_covers_half_the_reference():

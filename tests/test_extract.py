@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-
 import json
 
 import pytest
 import torch
 
-from tests.conftest import run_stage
 from steering.extract import answer_means, check_finite, encode_pair, extract_chunked, extract_pairs
 from steering.hooks import record_activations
 from steering.inputs import chat_prompt
 from steering.vectors import VectorStore, load_user_vectors
+from tests.conftest import run_stage
 
 PAIRS = [
     {"pair_id": "p0", "user_id": "u1", "sample_id": "s0", "prompt": "Generate a headline for the following article: the quick brown fox",

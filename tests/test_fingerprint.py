@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from data_process.artifacts import FINGERPRINT, Stage, model_identity, read_json, read_jsonl
+from data_process.artifact_io import read_json, read_jsonl
+from data_process.fingerprint import FINGERPRINT, model_identity
+from data_process.stage import Stage
 from stages.generate import GenerateConfig
 from stages.generate import run as run_generate
 from tests.conftest import run_stage
@@ -31,7 +33,7 @@ def generate(config, *flags: str):
 
 def test_same_settings_skip_and_other_settings_are_refused_naming_the_field(tmp_path):
     first = Stage("demo", tmp_path / "out", {"alpha": 1.0, "layers": [15]})
-    first.finish(inputs=[], outputs=[])
+    first.finish(outputs=[])
     assert Stage("demo", tmp_path / "out", {"alpha": 1.0, "layers": [15]}).done
     with pytest.raises(ValueError, match=r"other settings: alpha \(1.0 -> 2.0\)\. Pass --overwrite") as err:
         Stage("demo", tmp_path / "out", {"alpha": 2.0, "layers": [15]})
@@ -42,7 +44,7 @@ def test_same_settings_skip_and_other_settings_are_refused_naming_the_field(tmp_
 def test_a_changed_input_makes_the_stage_stale(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text('{"a": 1}\n')
-    Stage("demo", tmp_path / "out", {}, inputs=[source]).finish(inputs=[source], outputs=[])
+    Stage("demo", tmp_path / "out", {}, inputs=[source]).finish(outputs=[])
     source.write_text('{"a": 2}\n')
     with pytest.raises(ValueError, match=r"is stale: its inputs changed since it ran: .*in.jsonl"):
         Stage("demo", tmp_path / "out", {}, inputs=[source])

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from data_process.artifacts import JsonlWriter, Stage, read_jsonl, write_json
+from data_process.artifact_io import JsonlWriter, read_jsonl, sha256_file, write_json
 from data_process.config import CommonConfig, parse_config
+from data_process.stage import Stage
 from steering.inputs import chat_prompt
 from steering.layers import find_layers
 from steering.loading import load_model
@@ -108,24 +109,24 @@ class DemoConfig(CommonConfig):
 
 def test_manifest_is_written_last_and_records_what_the_stage_did(tmp_path):
     cfg = DemoConfig()
-    stage = Stage("demo", tmp_path / "s", cfg)
-    assert not stage.done and not (tmp_path / "s").exists()  # nothing on disk before start()
     inp = tmp_path / "in.json"
     write_json(inp, {"k": 1})
+    stage = Stage("demo", tmp_path / "s", cfg, inputs=[inp])
+    assert not stage.done and not (tmp_path / "s").exists()  # nothing on disk before start()
     out = stage.start() / "out.jsonl"
     out.write_text("{}\n")
-    manifest = stage.finish(inputs=[inp], outputs=[out], model="m", seed=3, n_records=1)
+    manifest = stage.finish(outputs=[out], model="m", seed=3, n_records=1)
     saved = json.loads((stage.out_dir / "manifest.json").read_text())
     assert saved == json.loads(json.dumps(manifest))
     assert saved["stage"] == "demo" and saved["config"]["num_users"] == 10
-    assert len(saved["inputs"][0]["sha256"]) == 64 and saved["seed"] == 3
+    assert saved["inputs"] == [{"path": str(inp), "sha256": sha256_file(inp)}] and saved["seed"] == 3
     assert "torch" in saved["packages"] and saved["n_records"] == 1
-    assert Stage("demo", tmp_path / "s", cfg).done
+    assert Stage("demo", tmp_path / "s", cfg, inputs=[inp]).done
     again = Stage("demo", tmp_path / "s", cfg, overwrite=True)
     assert not again.done and out.exists()  # the previous outputs stay until the redo finishes
     (again.start() / "new.jsonl").write_text("{}\n")
     assert again.out_dir == tmp_path / "s.new" and out.exists()
-    again.finish(inputs=[], outputs=[again.out_dir / "new.jsonl"])
+    again.finish(outputs=[again.out_dir / "new.jsonl"])
     assert not out.exists() and (tmp_path / "s" / "new.jsonl").exists() and not (tmp_path / "s.new").exists()
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["outputs"][0]["path"] == str(tmp_path / "s" / "new.jsonl")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import steering.runner
-from data_process.artifacts import JsonlWriter, read_jsonl
+from data_process.artifact_io import JsonlWriter, read_jsonl
 from steering.algorithms import AlgoSettings, Prepared, SteerSpec, ZeroShot, build_algorithm
 from steering.runner import generate_records
 from tasks import get_task
@@ -29,12 +29,14 @@ def test_zeroshot_prompt_has_no_history_and_rag_has_the_top_k_items_in_ranked_or
 
 
 def test_rag_uses_the_task_default_number_of_history_items_unless_the_config_sets_one():
-    from stages.common import task_of
+    from stages.common import task_of, with_task_defaults
     from stages.generate import GenerateConfig
 
-    assert task_of(cfg := GenerateConfig(task="lamp4")) is LAMP4 and cfg.history_k == 5
-    assert task_of(cfg := GenerateConfig(task="longlamp")) and cfg.history_k == 3
-    assert task_of(cfg := GenerateConfig(task="lamp4", history_k=0)) and cfg.history_k == 0
+    given = GenerateConfig(task="lamp4")
+    assert task_of(given) is LAMP4 and with_task_defaults(given).history_k == 5
+    assert given.history_k is None and task_of(given) is LAMP4  # looking the task up changes nothing
+    assert with_task_defaults(GenerateConfig(task="longlamp")).history_k == 3
+    assert with_task_defaults(GenerateConfig(task="lamp4", history_k=0)).history_k == 0
 
 
 def test_alpha_scales_attention_and_beta_scales_mlp_sites():

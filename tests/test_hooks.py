@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steering.hooks import add_vectors, record_activations, stop_after_layer, StopForward
+from steering.hooks import StopForward, add_vectors, record_activations, stop_after_layer
 from steering.inputs import chat_prompt
 from steering.layers import find_layers
 

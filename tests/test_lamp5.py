@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import pytest
 
-from data_process.artifacts import read_json, read_jsonl
+from data_process.artifact_io import read_json, read_jsonl
 from data_process.config import STAGE_SECTIONS, parse_config
 from data_process.schema import validate_sample
 from tasks import get_task

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from data_process.records import Benchmark
-from tasks import get_task, task_names
 from data_process.schema import validate_sample
+from tasks import get_task, task_names
 
 from .conftest import FIXTURES, SHARED_DATA
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data_process.artifacts import read_json, read_jsonl
+from data_process.artifact_io import read_json, read_jsonl
 from tests.conftest import SHARED_DATA, run_stage
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "longlamp").is_dir(), reason="shared data not present")
@@ -37,7 +37,7 @@ def run(tmp_path_factory, tiny_llama_dir):
         "task": "longlamp", "run_dir": str(root / "run"), "data_dir": str(write_fixture(root / "raw")),
         "model": str(tiny_llama_dir), "device": "cpu", "dtype": "float32", "seed": 3,
         "select_users": {"num_users": 3, "num_unseen": 1, "min_history": 2, "min_train": 1},
-        "collect_pairs": {"num_neg_per_user": 2, "history_k": 2, "max_new_tokens": 12, "max_prompt_tokens": 256,
+        "collect_pairs": {"tries": 2, "history_k": 2, "max_new_tokens": 12, "max_prompt_tokens": 256,
                           "threshold": 0.5},
         "extract_vectors": {"layers": [1], "sites": ["attn", "mlp"], "max_answer_tokens": 24,
                             "save_dtype": "float32", "user_strategies": ["mean"]},

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from data_process.artifacts import read_json, read_jsonl
+from data_process.artifact_io import read_json, read_jsonl
 from stages.generate import GenerateConfig
 from stages.generate import run as run_generate
 from tests.conftest import ROOT, run_stage
@@ -48,7 +48,7 @@ def write_config(path: Path, run_dir: Path, data_dir: Path, model_dir: Path) -> 
         "device": "cpu", "dtype": "float32", "seed": 7,
         "select_users": {"num_users": 3, "num_unseen": 1, "min_history": 2, "min_train": 1,
                          "history_rate": 0.5},
-        "collect_pairs": {"num_neg_per_user": 2, "history_k": 2, "max_new_tokens": 8, "batch_size": 8,
+        "collect_pairs": {"tries": 2, "history_k": 2, "max_new_tokens": 8, "batch_size": 8,
                           "max_prompt_tokens": 256, "threshold": 0.5},
         "extract_vectors": {"layers": [1], "sites": ["attn", "mlp"], "batch_size": 8,
                             "max_answer_tokens": 16, "save_dtype": "float32", "user_strategies": ["mean", "pca"]},

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_process.artifacts import JsonlWriter, read_jsonl
+from data_process.artifact_io import JsonlWriter, read_jsonl
 from steering.algorithms import AlgoSettings, Prepared, ZeroShot
 from steering.layers import find_layers
 from steering.loading import load_model
-from steering.runner import UserAdapters, generate_records
+from steering.runner import UserAdapters, find_adapters, generate_records
 from tasks import get_task
 
 peft = pytest.importorskip("peft")
@@ -61,7 +61,7 @@ def plugin_dir(tmp_path_factory, tiny_llama_dir):
 def run(tmp_path, model_dir, plugin, scale: float, name: str) -> dict[str, str]:
     model, tok = load_model(model_dir, device="cpu", dtype="float32")
     algo = FixedSteer(AlgoSettings(task=get_task("longlamp"), tokenizer=tok), model.config.hidden_size, scale)
-    adapters = UserAdapters(model, plugin, [s["user_id"] for s in SAMPLES]) if plugin else None
+    adapters = UserAdapters(model, find_adapters(plugin, [s["user_id"] for s in SAMPLES])) if plugin else None
     with JsonlWriter(tmp_path / name / "generations.jsonl") as writer:
         generate_records(model, tok, algo, SAMPLES, writer, task=get_task("longlamp"), algo_name="fints", batch_size=4,
                          gen_kwargs={"max_new_tokens": 8}, adapters=adapters)
@@ -95,7 +95,7 @@ def test_layers_are_found_in_a_peft_wrapped_model_and_unload_restores_the_base(t
     model, _ = load_model(tiny_llama_dir, device="cpu", dtype="float32")
     ids = torch.tensor([[1, 5, 9, 12]])
     before = model(ids).logits
-    adapters = UserAdapters(model, plugin_dir, ["u_lora"])
+    adapters = UserAdapters(model, find_adapters(plugin_dir, ["u_lora"]))
     wrapped_layers = find_layers(adapters.model)
     assert len(wrapped_layers) == 2
     assert wrapped_layers[1].attn is find_layers(adapters.model.get_base_model())[1].attn
@@ -105,9 +105,16 @@ def test_layers_are_found_in_a_peft_wrapped_model_and_unload_restores_the_base(t
     assert torch.equal(model(ids).logits, before)
 
 
-def test_a_plugin_dir_without_adapters_for_these_users_is_an_error(tmp_path, tiny_llama_dir, plugin_dir):
-    model, _ = load_model(tiny_llama_dir, device="cpu", dtype="float32")
+def test_a_plugin_dir_without_adapters_for_these_users_is_an_error(tmp_path, plugin_dir):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        UserAdapters(model, plugin_dir, ["somebody_else"])
+        find_adapters(plugin_dir, ["somebody_else"])
     with pytest.raises(FileNotFoundError, match="no such directory"):
-        UserAdapters(model, tmp_path / "missing", ["u_lora"])
+        find_adapters(tmp_path / "missing", ["u_lora"])
+    with pytest.raises(ValueError, match="cannot name a folder"):
+        find_adapters(plugin_dir, ["../u_lora"])
+
+
+def test_the_adapter_files_are_each_user_s_config_and_weights(plugin_dir):
+    found = find_adapters(plugin_dir, ["u_lora", "u_none"])
+    assert (found.users, found.missing) == (["u_lora"], ["u_none"])
+    assert [f.name for f in found.files()] == ["adapter_config.json", "adapter_model.safetensors"]

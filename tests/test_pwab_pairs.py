@@ -7,10 +7,13 @@ import re
 
 import pytest
 
-from collect.pwab_pairs import collect_pwab_pairs
+from collect.loop import PairWriter
+from collect.pwab_pairs import PwabCollector
+from data_process.artifact_io import read_jsonl
 from eval.pwab_tools import ToolCall, format_tool_call
 from stages.collect_pairs import CollectPairsConfig
-from stages.common import task_of
+from stages.common import task_of, with_task_defaults
+from stages.workers import unfinished, user_chunks
 from tasks.pwab import TASK, build_pwab_prompt
 from tasks.pwab_data import load_pwab
 from tests.conftest import FIXTURES
@@ -50,16 +53,18 @@ class OneHotEncoder:
         return out
 
 
-class FakeWriter:
-    def __init__(self):
-        self.pairs, self.markers, self.done_ids = [], [], set()
-
-    def write(self, record):
-        self.pairs.append(record)
-
-    def mark_done(self, sample_id, **counts):
-        self.markers.append({"sample_id": sample_id, **counts})
-        self.done_ids.add(sample_id)
+def collect(collector, samples, out_dir, chunk_size=4):
+    """The stage's loop in this process; returns (pairs, markers) written and the summary."""
+    writer = PairWriter(out_dir)
+    before = len(writer.markers())
+    try:
+        for chunk in unfinished(user_chunks(samples, lambda s: s["user_id"], chunk_size), writer.done_ids):
+            writer.add(*collector.chunk(chunk.items))
+    finally:
+        writer.close()
+    markers = writer.markers()
+    summary = collector.summarize(markers, {s["user_id"] for s in samples})
+    return read_jsonl(writer.pairs_path), markers[before:], summary
 
 
 def fake_model(bench):
@@ -92,22 +97,29 @@ def fake_model(bench):
 
 
 def test_unset_pwab_settings_come_from_the_task_and_set_ones_are_kept():
-    cfg = CollectPairsConfig(task="pwab", history_k=3, search_threshold=0.9)
-    assert task_of(cfg) is TASK
+    given = CollectPairsConfig(task="pwab", history_k=3, search_threshold=0.9)
+    assert task_of(given) is TASK
+    cfg = with_task_defaults(given)
+    assert given.positive_k is None  # the defaults fill a copy
     assert (cfg.history_k, cfg.search_threshold) == (3, 0.9)
     assert (cfg.positive_k, cfg.review_threshold, cfg.recommend_in_list, cfg.max_new_tokens) == (5, 0.51, True, 128)
 
 
+class Written:
+    def __init__(self, pairs, markers):
+        self.pairs, self.markers = pairs, markers
+
+
 @pytest.fixture()
-def run():
+def run(tmp_path):
     bench = load_pwab(PWAB)
-    cfg = CollectPairsConfig(task="pwab", history_k=3, num_neg_per_user=2, samples_per_chunk=4, positive_k=5)
-    task = task_of(cfg)  # fills the thresholds left unset from the task's defaults
+    # the task's defaults fill the thresholds left unset
+    cfg = with_task_defaults(CollectPairsConfig(task="pwab", history_k=3, tries=2, samples_per_chunk=4, positive_k=5))
     generate, prompts = fake_model(bench)
-    writer = FakeWriter()
-    summary = collect_pwab_pairs(cfg, task, bench.train, bench.train, None, None, writer, generate_fn=generate,
-                                 env=FakeEnv(bench), encoder=OneHotEncoder())
-    return bench, cfg, writer, summary, prompts, generate
+    collector = PwabCollector(cfg, TASK, bench.train, None, None, generate=generate, env=FakeEnv(bench),
+                              encoder=OneHotEncoder())
+    pairs, markers, summary = collect(collector, bench.train, tmp_path)
+    return bench, cfg, Written(pairs, markers), summary, prompts, (generate, tmp_path)
 
 
 def test_positives_are_correct_own_history_calls_or_the_gold_review(run):
@@ -167,15 +179,14 @@ def test_negative_prompts_use_other_users_history(run):
 
 
 def test_finished_samples_are_not_collected_again(run):
-    bench, cfg, writer, _, _, generate = run
-    again = FakeWriter()
-    again.done_ids = set(writer.done_ids)  # what a reopened PairWriter reads from progress.jsonl
+    bench, cfg, _, _, _, (generate, out_dir) = run
     asked = []
 
     def generate_again(messages):
         asked.extend(messages)
         return generate(messages)
 
-    collect_pwab_pairs(cfg, TASK, bench.train, bench.train, None, None, again,
-                       generate_fn=generate_again, env=FakeEnv(bench), encoder=OneHotEncoder())
-    assert again.pairs == [] and again.markers == [] and asked == []
+    collector = PwabCollector(cfg, TASK, bench.train, None, None, generate=generate_again, env=FakeEnv(bench),
+                              encoder=OneHotEncoder())
+    pairs, markers, _ = collect(collector, bench.train, out_dir)
+    assert markers == [] and asked == [] and len(pairs) == 8  # progress.jsonl marks them done

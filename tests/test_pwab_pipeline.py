@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from data_process.artifacts import read_json, read_jsonl
+from data_process.artifact_io import read_json, read_jsonl
 from data_process.config import parse_config
 from stages import evaluate, generate
 from tests.conftest import FIXTURES
@@ -36,7 +36,7 @@ def pwab_run(tmp_path_factory, tiny_llama_dir):
         "model": str(tiny_llama_dir), "device": "cpu", "dtype": "float32", "seed": 3,
         "select_users": {"num_users": 4, "num_unseen": 2, "min_history": 2, "min_train": 2},
         "train_sasrec": {"hidden": 16, "blocks": 1, "heads": 1, "epochs": 5, "threads": 1},
-        "collect_pairs": {"num_neg_per_user": 1, "history_k": 2, "max_new_tokens": 80, "batch_size": 8,
+        "collect_pairs": {"tries": 1, "history_k": 2, "max_new_tokens": 80, "batch_size": 8,
                           "max_prompt_tokens": 512},
         "extract_vectors": {"layers": [1], "sites": ["attn", "mlp"], "save_dtype": "float32",
                             "user_strategies": ["mean"]},
@@ -117,3 +117,20 @@ def test_constrained_tool_calls_give_pairs_vectors_and_steered_calls(pwab_run):
     differs = [i for i in rag if rag[i] != fints[i]]
     assert differs and all(json.loads(fints[i])["name"] for i in differs)
     assert not steered & {r["user_id"] for r in read_jsonl(gen / "fints" / "generations.jsonl") if r["id"] in differs}
+
+
+def test_sasrec_fingerprints_its_data_and_a_retrained_sasrec_makes_03_and_05_stale(pwab_run):
+    from stages import collect_pairs, train_sasrec
+
+    run_dir, _, manifests = pwab_run
+    assert any("user_history_part" in p for p in manifests["train_sasrec"]["fingerprint"]["inputs"])
+    assert any(p.endswith("sasrec/model.safetensors") for p in manifests["03_collect_pairs"]["fingerprint"]["inputs"])
+    argv = ["--config", str(run_dir.parent / "pwab.json")]
+    # Last in this module: it changes the environment the other tests' runs used.
+    train_sasrec.run(parse_config(train_sasrec.TrainSasrecConfig, [*argv, "--epochs", "6", "--overwrite"]))
+    with pytest.raises(ValueError, match=r"03_collect_pairs.*is stale: its inputs changed since it ran: "
+                                         r"\S*sasrec/model.safetensors"):
+        collect_pairs.run(parse_config(collect_pairs.CollectPairsConfig, argv))
+    with pytest.raises(ValueError, match=r"05_generate.*is stale: its inputs changed since it ran: "
+                                         r"\S*sasrec/model.safetensors \(upstream of \S*pairs.jsonl\)"):
+        generate.run(parse_config(generate.GenerateConfig, [*argv, "--algo", "fints"]))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_process.artifacts import read_json, read_jsonl
+from data_process.artifact_io import read_json, read_jsonl
 from data_process.ranking import rank_samples
 from tasks import get_task
 

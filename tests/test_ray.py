@@ -123,7 +123,7 @@ def test_personalwab_pairs_on_two_workers_are_the_one_process_pairs(local_ray, t
         "model": str(tiny_llama_dir), "device": "cpu", "dtype": "float32", "seed": 3,
         "select_users": {"num_users": 4, "num_unseen": 2, "min_history": 2, "min_train": 2},
         "train_sasrec": {"hidden": 16, "blocks": 1, "heads": 1, "epochs": 2, "threads": 1},
-        "collect_pairs": {"num_neg_per_user": 1, "history_k": 2, "max_new_tokens": 80, "batch_size": 8,
+        "collect_pairs": {"tries": 1, "history_k": 2, "max_new_tokens": 80, "batch_size": 8,
                           "max_prompt_tokens": 512, "samples_per_chunk": 2}}))
     for name in ("select_users", "rank_history", "train_sasrec"):
         run_stage(name, ["--config", str(config)])

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from data_process.artifacts import read_json, read_jsonl
-from tasks import get_task
+from data_process.artifact_io import read_json, read_jsonl
 from data_process.splits import apply_history_rate, build_splits, cluster_users, select_users, split_validation
+from tasks import get_task
 
 from .conftest import FIXTURES, ROOT, SHARED_DATA, run_stage
 

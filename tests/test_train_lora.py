@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import stages.train_lora as train_lora
-from data_process.artifacts import read_json, read_jsonl
+from data_process.artifact_io import read_json, read_jsonl
 from tests.conftest import as_if_written_by_its_stage, run_stage
 from tests.test_pipeline import generate, generations, write_config, write_fixture
 
@@ -209,3 +209,53 @@ def test_base_trains_a_shared_adapter_on_remain_train_that_every_user_starts_fro
     for user in users(run_dir):
         from_base, scratch = adapter(tmp_path / "lora" / user), adapter(tmp_path / "scratch" / user)
         assert not all(torch.equal(from_base[k], scratch[k]) for k in scratch), user
+
+
+def test_a_changed_training_file_makes_finished_adapters_stale(run, tmp_path):
+    config, run_dir = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir / "ranked", copy / "ranked")
+    argv = ["--config", str(config), "--run-dir", str(copy), "--epochs", "1"]
+    manifest = run_stage("train_lora", argv)
+    assert {Path(p).name for p in manifest["fingerprint"]["inputs"]} >= {"train.jsonl", "seen_test.jsonl"}
+    train = read_jsonl(copy / "ranked" / "train.jsonl")
+    train[0]["output"] = "an edited answer"
+    (copy / "ranked" / "train.jsonl").write_text("".join(json.dumps(s) + "\n" for s in train))
+    as_if_written_by_its_stage(copy / "ranked" / "train.jsonl")
+    with pytest.raises(ValueError, match=r"\[train_lora\] .* is stale: .*ranked/train\.jsonl"):
+        run_stage("train_lora", argv)
+
+
+def test_retraining_one_users_adapter_makes_an_existing_oppu_run_stale_naming_its_file(run, tmp_path):
+    from safetensors.torch import save_file
+
+    config, run_dir = run
+    plugin = tmp_path / "plugin"
+    shutil.copytree(run_dir / "lora", plugin)
+    out = generate(config, "--algo", "oppu", "--plugin", str(plugin), "--tag", "_retrained")
+    user = users(run_dir, "seen_test")[0]
+    fingerprint = read_json(out / "manifest.json")["fingerprint"]["inputs"]
+    assert str(plugin / user / WEIGHTS) in fingerprint and str(plugin / user / "adapter_config.json") in fingerprint
+    assert generate(config, "--algo", "oppu", "--plugin", str(plugin), "--tag", "_retrained") == out  # skipped
+    save_file({k: v * 2 for k, v in adapter(plugin / user).items()}, plugin / user / WEIGHTS)  # the retrain
+    with pytest.raises(ValueError, match=rf"05_generate.*is stale: its inputs changed since it ran: "
+                                         rf"\S*plugin/{user}/{WEIGHTS}"):
+        generate(config, "--algo", "oppu", "--plugin", str(plugin), "--tag", "_retrained")
+
+
+def test_the_adapters_are_checked_once_per_run(run, monkeypatch):
+    import stages.generate
+    import steering.runner
+
+    config, run_dir = run
+    checked, real = [], steering.runner.checked_name
+
+    def spy(name, *args, **kwargs):
+        checked.append(name)
+        return real(name, *args, **kwargs)
+
+    # Wherever a user id is checked as an adapter folder name, in the stage or the runner.
+    monkeypatch.setattr(steering.runner, "checked_name", spy)
+    monkeypatch.setattr(stages.generate, "checked_name", spy, raising=False)
+    generate(config, "--algo", "oppu", "--tag", "_checked_once")
+    assert sorted(checked) == users(run_dir, "seen_test")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from data_process.artifacts import read_json, read_jsonl
+from data_process.artifact_io import read_json, read_jsonl
 from eval.bootstrap import bootstrap_diff
 from eval.run_report import share_of_users_better
 from stages.tune import best, covering
