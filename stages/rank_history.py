@@ -12,10 +12,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from tqdm import tqdm
-
 from data_process.artifact_io import MANIFEST, JsonlWriter
 from data_process.config import stage_dir
+from data_process.progress import tqdm
 from data_process.ranking import RANKERS, rank_samples
 from data_process.records import ErrorLog, read_samples
 from data_process.stage import Stage

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from data_process.artifact_io import JsonlWriter, read_json, read_jsonl, write_json
 from data_process.config import stage_dir
+from data_process.progress import tqdm
 from data_process.schema import checked_name
 from data_process.stage import Stage
 from stages.common import (

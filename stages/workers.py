@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from tqdm.auto import tqdm
-
 from data_process.artifact_io import read_jsonl, write_jsonl
+from data_process.progress import tqdm
 from stages.common import StageConfig
 
 log = logging.getLogger(__name__)
