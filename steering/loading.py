@@ -6,6 +6,7 @@ the same way everywhere.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -54,7 +55,10 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
     not know are; it is checked here.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    if not sys.stderr.isatty():  # its weight-loading bar would be carriage returns in a log file
+        hf_logging.disable_progress_bar()
     path = _local_dir(path)
     dev = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev),
