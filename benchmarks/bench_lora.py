@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _examples(tok, samples: list[dict], task: str, history_k: int, budget: int):
     algo = build_algorithm("rag", AlgoSettings(task=get_task(task), tokenizer=tok, history_k=history_k,
                                                max_prompt_tokens=budget))
-    return [encode_example(tok, m, s["output"], 128) for m, s in zip(algo(samples).messages, samples)]
+    return [encode_example(tok, m, s["output"], 128) for m, s in zip(algo(samples).messages, samples, strict=True)]
 
 
 def _step(wrapped, optimizer, batch, answer_only: bool) -> float:

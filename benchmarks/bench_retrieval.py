@@ -131,7 +131,7 @@ def bench_stage02(words: Words, users: int, samples_per_user: int, items: int) -
     samples = []
     for u in range(users):
         inputs, outputs = words.texts(items, 100), words.texts(items, 10)
-        history = [{"id": f"u{u}h{i}", "input": a, "output": b} for i, (a, b) in enumerate(zip(inputs, outputs))]
+        history = [{"id": f"u{u}h{i}", "input": a, "output": b} for i, (a, b) in enumerate(zip(inputs, outputs, strict=True))]
         for j, query in enumerate(words.texts(samples_per_user, 300)):
             samples.append({"id": f"u{u}s{j}", "user_id": f"u{u}", "input": query, "output": "", "history": history})
     query = lambda s: s["input"]  # noqa: E731

@@ -89,7 +89,7 @@ def bench_overhead(model, tok, messages, deltas, new_tokens: int, repeats: int) 
     for r in range(repeats):  # interleaved, alternating order, so machine noise hits both alike
         for name in (("plain", "steered") if r % 2 == 0 else ("steered", "plain")):
             (t_plain if name == "plain" else t_steer).append(_best(plain if name == "plain" else steered, 1))
-    per_round = sorted(s / p for p, s in zip(t_plain, t_steer))
+    per_round = sorted(s / p for p, s in zip(t_plain, t_steer, strict=True))
     print(f"(a) batched generation, {len(messages)} prompts x {new_tokens} tokens, {repeats} rounds: plain best "
           f"{min(t_plain):.2f}s, steered best {min(t_steer):.2f}s, ratio of bests {min(t_steer) / min(t_plain):.3f}, "
           f"median per-round ratio {per_round[len(per_round) // 2]:.3f} (goal <= 1.05)")
@@ -133,7 +133,7 @@ def bench_batching(model, tok, messages, deltas, new_tokens: int) -> None:
     alone = [generate(model, tok, [m], max_new_tokens=new_tokens, batch_size=1,
                       deltas={k: v[i:i + 1] for k, v in deltas.items()})[0] for i, m in enumerate(messages)]
     t_alone = time.perf_counter() - start
-    same = sum(a == b for a, b in zip(batched, alone))
+    same = sum(a == b for a, b in zip(batched, alone, strict=True))
     print(f"(b) {len(messages)} steered queries, mixed users: batch 16 {t_batch:.2f}s, one at a time "
           f"{t_alone:.2f}s, throughput x{t_alone / t_batch:.2f} (goal >= 2.5); identical outputs {same}/{len(messages)}")
 
@@ -210,7 +210,7 @@ def main() -> None:
         return
     pairs = [{"pair_id": s["id"], "user_id": s["user_id"], "sample_id": s["id"], "prompt": m,
               "chosen": s["output"], "rejected": samples[(i + 1) % len(samples)]["output"]}
-             for i, (s, m) in enumerate(zip(samples[:16], messages))]
+             for i, (s, m) in enumerate(zip(samples[:16], messages, strict=False))]
     bench_extraction(model, tok, pairs[:12], max(2, args.repeats // 2))
 
 

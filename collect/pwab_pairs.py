@@ -51,9 +51,9 @@ def _judged(cfg, samples: list[dict], texts: list[str], env, encoder, failures: 
             ) -> list[tuple[ToolCall | None, bool, float]]:
     """(call, success, result score) of each generated text for its sample; parse failures
     are counted by reason under the sample's id."""
-    calls = [parse_tool_call(t, failures.setdefault(s["id"], Counter())) for s, t in zip(samples, texts)]
+    calls = [parse_tool_call(t, failures.setdefault(s["id"], Counter())) for s, t in zip(samples, texts, strict=True)]
     scores = score_calls(calls, [s["type"] for s in samples], [s["target"] for s in samples], env, encoder)
-    return [(c, bool(f) and _good(cfg, s["type"], a), a) for c, s, (f, a) in zip(calls, samples, scores)]
+    return [(c, bool(f) and _good(cfg, s["type"], a), a) for c, s, (f, a) in zip(calls, samples, scores, strict=True)]
 
 
 def _positives(cfg, task, chunk, generate, env, encoder, tok, failures) -> dict[str, tuple[str, float]]:
@@ -68,7 +68,7 @@ def _positives(cfg, task, chunk, generate, env, encoder, tok, failures) -> dict[
             asked.append(s)
     if asked:
         prompts = [task.prompt(s, s["history"][:cfg.positive_k], tok, cfg.max_prompt_tokens) for s in asked]
-        for s, (call, ok, score) in zip(asked, _judged(cfg, asked, generate(prompts), env, encoder, failures)):
+        for s, (call, ok, score) in zip(asked, _judged(cfg, asked, generate(prompts), env, encoder, failures), strict=True):
             if ok:
                 out[s["id"]] = (format_tool_call(call), score)
     return out
@@ -111,7 +111,7 @@ class PwabCollector:
             s, pools.get(s["user_id"], []), cfg.history_k, cfg.tries, cfg.seed)]
         texts = self.generate([task.prompt(s, h, tok, cfg.max_prompt_tokens) for s, h in tries]) if tries else []
         by_sample: dict[str, list] = {}
-        for (s, _), verdict in zip(tries, _judged(cfg, [s for s, _ in tries], texts, self.env, self.encoder, failures)):
+        for (s, _), verdict in zip(tries, _judged(cfg, [s for s, _ in tries], texts, self.env, self.encoder, failures), strict=True):
             by_sample.setdefault(s["id"], []).append(verdict)
         pairs, markers = [], []
         for s in samples:

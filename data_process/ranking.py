@@ -94,7 +94,7 @@ def dense_vectors(texts: list[str], encoder: Any, batch_size: int,
     cache = {} if cache is None else cache
     todo = sorted(set(texts) - set(cache), key=lambda t: (len(t), t))
     if todo:
-        cache.update(zip(todo, encoder.encode(todo, batch_size=batch_size).numpy()))
+        cache.update(zip(todo, encoder.encode(todo, batch_size=batch_size).numpy(), strict=True))
     return cache
 
 
@@ -125,6 +125,6 @@ def rank_samples(samples: list[dict], ranker: str = "bm25", *, query: Query = sa
     """Copies of ``samples`` with ``history`` re-sorted (most relevant first) and ``scores``."""
     rankings = choose("ranker", ranker, RANKERS)(samples, query=query, **kw)
     out = []
-    for s, (order, scores) in zip(samples, rankings):
+    for s, (order, scores) in zip(samples, rankings, strict=True):
         out.append({**s, "history": [s["history"][i] for i in order], "scores": scores})
     return out

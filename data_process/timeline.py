@@ -74,4 +74,4 @@ def sort_by_time(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], boo
 
 def earlier_than(items: list[dict[str, Any]], keys: list[TimeKey], j: int) -> list[dict[str, Any]]:
     """The items strictly earlier than ``items[j]`` (``keys`` from :func:`time_keys`)."""
-    return [item for item, key in zip(items, keys) if key < keys[j]]
+    return [item for item, key in zip(items, keys, strict=True) if key < keys[j]]

@@ -67,7 +67,7 @@ def review_similarity(encoder, generated: list[str], gold: list[str]) -> list[fl
     emb = encoder.encode(list(generated) + list(gold))
     a, b = emb[:len(generated)], emb[len(generated):]
     sims = (a * b).sum(-1).tolist()
-    return [s if g.strip() else 0.0 for s, g in zip(sims, generated)]
+    return [s if g.strip() else 0.0 for s, g in zip(sims, generated, strict=True)]
 
 
 def score_calls(calls: list[ToolCall | None], kinds: list[str], targets: list[Any], env, encoder=None,
@@ -75,7 +75,7 @@ def score_calls(calls: list[ToolCall | None], kinds: list[str], targets: list[An
     """(FACC, RACC) of each call for its task type and target; reviews scored in one batch."""
     out: list[tuple[float, float]] = [(0.0, 0.0)] * len(calls)
     reviews: list[tuple[int, str, str]] = []
-    for i, (call, kind, target) in enumerate(tqdm(list(zip(calls, kinds, targets)), desc=desc, leave=False)):
+    for i, (call, kind, target) in enumerate(tqdm(list(zip(calls, kinds, targets, strict=True)), desc=desc, leave=False)):
         if call is None or call.name != TYPES[kind]:
             continue
         if kind == "review":
@@ -88,7 +88,7 @@ def score_calls(calls: list[ToolCall | None], kinds: list[str], targets: list[An
 
             encoder = shared_encoder()
         sims = review_similarity(encoder, [g for _, g, _ in reviews], [t for _, _, t in reviews])
-        for (i, _, _), sim in zip(reviews, sims):
+        for (i, _, _), sim in zip(reviews, sims, strict=True):
             out[i] = (1.0, float(sim))
     return out
 
@@ -145,7 +145,7 @@ def evaluate_pwab(records: list[dict[str, Any]], data_dir: str | Path, cache_dir
     scores = score_calls(calls, kinds, targets, env, encoder)
     per_sample = [{"id": r["id"], "user_id": r["user_id"], "type": kind, "facc": f, "racc": a,
                    "function": call.name if call else None}
-                  for r, kind, call, (f, a) in zip(records, kinds, calls, scores)]
+                  for r, kind, call, (f, a) in zip(records, kinds, calls, scores, strict=True)]
     by_user: dict[str, list[dict]] = defaultdict(list)
     for row in per_sample:
         by_user[row["user_id"]].append(row)

@@ -63,7 +63,7 @@ class DenseJob:
     def run(self, chunk) -> list[tuple[str, dict]]:
         ranked = rank_samples([s for _, s in chunk.items], "dense", query=self.query, encoder=self.encoder,
                               batch_size=self.cfg.batch_size, cache={})
-        return [(name, record) for (name, _), record in zip(chunk.items, ranked)]
+        return [(name, record) for (name, _), record in zip(chunk.items, ranked, strict=True)]
 
 
 def _rank_dense(cfg: RankHistoryConfig, job: DenseJob, files: dict[str, list[dict]], out_dir) -> None:

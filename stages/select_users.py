@@ -104,7 +104,7 @@ def run(cfg: SelectUsersConfig) -> dict[str, Any] | None:
     outputs = [out_dir / f"{name}.jsonl" for name in splits.files]
     for stale in set(out_dir.glob("*.jsonl")) - set(outputs):
         stale.unlink()  # e.g. cluster files of an earlier, unfinished run
-    for path, samples in zip(outputs, splits.files.values()):
+    for path, samples in zip(outputs, splits.files.values(), strict=True):
         write_jsonl(path, samples)
     if bench.errors:
         log.warning("[%s] skipped %d bad record(s):\n  %s", cfg.STAGE, len(bench.errors), "\n  ".join(bench.errors))

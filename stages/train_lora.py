@@ -133,7 +133,7 @@ def _encoder(cfg: TrainLoraConfig, task, tok):
     def encode(samples: list[dict]):
         messages = algo(samples).messages
         return [encode_example(tok, m, s["output"], cfg.max_answer_tokens, task.response_prefix)
-                for m, s in zip(messages, samples)]
+                for m, s in zip(messages, samples, strict=True)]
 
     return encode
 

@@ -165,7 +165,7 @@ def plot_tune(grid: dict[str, list[dict]], test: dict[str, dict], chosen: dict[s
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(grid), figsize=(5 * len(grid), 4), squeeze=False)
-    for ax, (algo, points) in zip(axes[0], grid.items()):
+    for ax, (algo, points) in zip(axes[0], grid.items(), strict=True):
         top = chosen[algo]
         for key in sorted({(p["sites"], p["layer"]) for p in points}):
             pts = sorted((p["multiplier"], p["val_score"]) for p in points if (p["sites"], p["layer"]) == key

@@ -88,7 +88,7 @@ class RowSampler(LogitsProcessor):
             # Keep the smallest set of most likely tokens whose mass reaches top_p.
             drop = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
             probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        chosen = torch.stack([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators)])
+        chosen = torch.stack([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators, strict=True)])
         return torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
 
 
@@ -108,7 +108,7 @@ def generate(model, tok, messages: list[str], **kwargs) -> list[str]:
     """Generate one answer per user message; answers in input order (see :func:`generate_batches`)."""
     results: list[str] = [""] * len(messages)
     for rows, texts in generate_batches(model, tok, messages, **kwargs):
-        for i, text in zip(rows, texts):
+        for i, text in zip(rows, texts, strict=True):
             results[i] = text
     return results
 

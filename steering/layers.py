@@ -86,7 +86,7 @@ def parse_layout(spec: str) -> Layout:
     if len(parts) > 5 or not parts[0]:
         raise ValueError(f"bad --layers-attr {spec!r}: expected 'path[:attn[:mlp[:attn_norm[:mlp_norm]]]]'")
     names = ("layers", "attn", "mlp", "attn_norm", "mlp_norm")
-    return Layout(**{name: value for name, value in zip(names, parts) if value})
+    return Layout(**{name: value for name, value in zip(names, parts, strict=False) if value})
 
 
 def _get(obj: object, dotted: str):

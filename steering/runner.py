@@ -134,7 +134,7 @@ def generate_records(model, tok, algo: ZeroShot, samples: list[dict], writer: Js
             for rows, texts in generate_batches(run_model, tok, [prepared.messages[i] for i in group],
                                                 batch_size=batch_size, deltas=deltas, desc=algo_name,
                                                 **gen_kwargs):
-                for j, text in zip(rows, texts):
+                for j, text in zip(rows, texts, strict=True):
                     i = group[j]
                     writer.write(_record(task, algo_name, pending[i], prepared.messages[i], task.postprocess(text)))
                 bar.update(len(rows))

@@ -22,9 +22,9 @@ def _store(field="prompt"):
     index = [{"pair_id": f"p{i}", "user_id": u, "sample_id": f"s{i}", "prompt": f"Write about: {p}"}
              for i, (u, p) in enumerate(prompts)]
     if field == "query":
-        index = [{**r, "query": p} for r, (_, p) in zip(index, prompts)]
+        index = [{**r, "query": p} for r, (_, p) in zip(index, prompts, strict=True)]
     else:
-        index = [{**r, "prompt": p} for r, (_, p) in zip(index, prompts)]
+        index = [{**r, "prompt": p} for r, (_, p) in zip(index, prompts, strict=True)]
     eye = torch.eye(len(index))
     return VectorStore({"keys": ["attn.1", "mlp.1"]}, index, {"attn.1": eye, "mlp.1": 2 * eye})
 
@@ -64,7 +64,7 @@ def test_a_batch_of_mixed_users_equals_each_query_alone_and_missing_users_get_ze
     queries = ["red car", "again", "red car", "forest ocean"]
     with caplog.at_level(logging.WARNING):
         batch = agg.vectors(users, queries)["attn.1"]
-    for i, (u, q) in enumerate(zip(users, queries)):
+    for i, (u, q) in enumerate(zip(users, queries, strict=True)):
         torch.testing.assert_close(batch[i], agg.vectors([u], [q])["attn.1"][0])
     assert batch[2].abs().sum() == 0 and agg.missing_users == {"nobody"}
     assert "nobody" in caplog.text

@@ -86,7 +86,7 @@ def test_bf16_extraction_accumulates_in_fp32(pair_of_models):
     _, bf16, tok = pair_of_models("gemma3")
     got = extract_pairs(bf16, tok, PAIRS, KEYS, batch_size=1, progress=False)  # no padding: same shapes
     for i, pair in enumerate(PAIRS):
-        for kind, seq in zip(("pos", "neg"), encode_pair(tok, pair, max_answer_tokens=256)):
+        for kind, seq in zip(("pos", "neg"), encode_pair(tok, pair, max_answer_tokens=256), strict=True):
             with torch.no_grad(), record_activations(bf16, KEYS) as rec:
                 bf16(input_ids=torch.tensor([seq.ids]))
             for key in KEYS:

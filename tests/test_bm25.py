@@ -36,7 +36,7 @@ def test_scores_equal_rank_bm25_on_random_corpora_and_batches_equal_single_queri
         reference = BM25Okapi(tokens)
         bm25 = BM25(docs)
         batch = bm25.batch_scores(queries)
-        for query, row in zip(queries, batch):
+        for query, row in zip(queries, batch, strict=True):
             expected = reference.get_scores(tokenize(query))
             np.testing.assert_array_equal(row, expected)  # to the last bit: near-ties rank alike
             np.testing.assert_array_equal(bm25.scores(query), row)

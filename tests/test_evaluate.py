@@ -206,5 +206,5 @@ def test_stage_06_and_the_run_report_print_the_same_interval_for_the_same_unit(t
     row_report = next(line for line in report_md.splitlines() if line.startswith("| fints | ") and "[" in line)
     ours, theirs = _interval_cells(row_06), _interval_cells(row_report)
     assert len(ours) == len(theirs) >= 2
-    for cell_06, cell_report in zip(ours, theirs):  # 06 prints four decimals, report.md three
+    for cell_06, cell_report in zip(ours, theirs, strict=True):  # 06 prints four decimals, report.md three
         assert cell_06 == pytest.approx(cell_report, abs=6e-4)

@@ -56,7 +56,7 @@ def _reference_forward(kind: str, layer, add: dict, record: dict, raw: bool = Fa
 
     def forward(hidden_states, *args, **kwargs):
         if kind == "gpt2":  # GPT2Block(hidden, cache, attention_mask, encoder_hidden_states, ...)
-            kwargs.update(zip(("cache", "attention_mask"), args[:2]))
+            kwargs.update(zip(("cache", "attention_mask"), args[:2], strict=False))
             kwargs.pop("encoder_attention_mask", None)
         raw_a = attn(hidden_states, kwargs) + (add.get("attn", zero) if raw else zero)
         a = attn_norm(raw_a) + (zero if raw else add.get("attn", zero))

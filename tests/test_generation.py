@@ -63,8 +63,8 @@ def test_a_shorter_max_new_tokens_gives_a_prefix_of_the_longer_answer(tiny_llama
     model, tok = tiny_llama
     short = generate(model, tok, MESSAGES, max_new_tokens=3)
     long = generate(model, tok, MESSAGES, max_new_tokens=10)
-    assert all(lo.startswith(sh) for sh, lo in zip(short, long))
-    assert any(len(lo) > len(sh) for sh, lo in zip(short, long))
+    assert all(lo.startswith(sh) for sh, lo in zip(short, long, strict=True))
+    assert any(len(lo) > len(sh) for sh, lo in zip(short, long, strict=True))
 
 
 def test_text_after_a_rows_eos_is_never_returned(tiny_llama, monkeypatch):

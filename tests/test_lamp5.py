@@ -170,7 +170,7 @@ def test_prompt_lists_history_titles_and_abstracts_above_the_question():
     prompt = TASK.prompt(sample, history, max_prompt_tokens=10_000)
     lines = prompt.splitlines()
     assert lines[0] == "Titles this author gave earlier papers:"
-    for line, item in zip(lines[1:3], history):
+    for line, item in zip(lines[1:3], history, strict=True):
         assert line == f'- Title: "{item["output"]}" for abstract: "{item["input"]}"'
     assert prompt.endswith(f"\n\n{INSTRUCTION}{abstract}\nWrite only the title.")
     assert TASK.prompt(sample, []) == f"{INSTRUCTION}{abstract}\nWrite only the title."

@@ -112,7 +112,7 @@ def test_stages_01_and_02_on_shared_data_rank_every_history_reproducibly(tmp_pat
     for name in names:
         before, after = read_jsonl(data / name), read_jsonl(ranked / name)
         assert [s["id"] for s in before] == [s["id"] for s in after]
-        for b, a in zip(before, after):
+        for b, a in zip(before, after, strict=True):
             assert sorted(h["id"] for h in a["history"]) == sorted(h["id"] for h in b["history"])
             assert len(a["scores"]) == len(a["history"]) and a["scores"] == sorted(a["scores"], reverse=True)
     assert manifest["counts"]["seen_test.jsonl"] == 48

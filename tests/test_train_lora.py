@@ -162,7 +162,7 @@ def test_the_loss_covers_answer_tokens_only_and_matches_the_full_head(tiny_llama
     examples = [encode_example(tok, "the quick brown fox", "jumps over", 16),
                 encode_example(tok, "a library for parsing JSON files and a tool", "parser", 16)]
     batch = collate(examples, tok.pad_token_id, "cpu")
-    for e, labels in zip(examples, batch["labels"]):
+    for e, labels in zip(examples, batch["labels"], strict=True):
         assert labels[:e.answer_start].eq(-100).all() and labels[len(e.ids):].eq(-100).all()
         assert labels[len(e.ids) - 1] == tok.eos_token_id  # the answer ends with EOS, which is learned
     with torch.no_grad():  # transformers' own loss: every position through the head, mean over labels
