@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,11 @@ def _per_query(fn, queries: list[str], batch: int) -> None:
         fn(queries[start:start + batch])
 
 
+def _one_user(agg: PairAggregator):
+    """``agg.vectors`` for a batch of queries that all come from user ``"u"``."""
+    return lambda q: agg.vectors(["u"] * len(q), q)
+
+
 def bench_retrieval(words: Words, sizes: list[int], hiddens: list[int], n_queries: int, repeats: int) -> None:
     print(f"(a) retrieval + aggregation, ms per query ({n_queries} queries of 300 words, top-5, softmax)")
     print(f"{'pairs':>6} {'hidden':>6} {'batch':>5} {'old ms':>9} {'new ms':>8} {'ratio':>7}  same top-K  "
@@ -113,8 +119,8 @@ def bench_retrieval(words: Words, sizes: list[int], hiddens: list[int], n_querie
             new_build = time.perf_counter() - start
             same = torch.equal(old.select(queries[:4])[0], new.select("u", queries[:4])[0])
             for batch in (1, 16):
-                t_old = _time(lambda: _per_query(old.vectors, queries, batch), repeats)
-                t_new = _time(lambda: _per_query(lambda q: new.vectors(["u"] * len(q), q), queries, batch), repeats)
+                t_old = _time(partial(_per_query, old.vectors, queries, batch), repeats)
+                t_new = _time(partial(_per_query, _one_user(new), queries, batch), repeats)
                 print(f"{n:>6} {hidden:>6} {batch:>5} {1e3 * t_old / n_queries:>9.2f} {1e3 * t_new / n_queries:>8.3f} "
                       f"{t_old / t_new:>6.0f}x  {str(same):>10}  {old_build:.2f}/{new_build:.2f}")
 

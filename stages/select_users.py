@@ -36,7 +36,7 @@ class SelectUsersConfig(StageConfig):
     history_rate: float = field(
         default=1.0, metadata={"gt": 0, "max": 1, "help": "sparsity: keep this seeded fraction (0, 1] of each seen user's "
                                        "training samples"})
-    val_questions: int = field(default=1, metadata={"min": 0, 
+    val_questions: int = field(default=1, metadata={"min": 0,
         "help": "validation: each seen user's N latest training questions go to seen_val (not train); 0 = none"})
     clusters: bool = field(default=False, metadata={
         "help": "also write seen_test_cluster{0,1,2}.jsonl (fast-changing users: 2 = least similar)"})

@@ -111,7 +111,7 @@ def test_results_table_has_one_row_per_run_and_marks_missing_metrics():
 
 
 def test_sweep_plot_is_written_as_png(tmp_path):
-    points = [{"layer": l, "multiplier": m, "rougeL": 0.1 * m + l} for l in (1, 2) for m in (0, 1, 2)]
+    points = [{"layer": layer, "multiplier": m, "rougeL": 0.1 * m + layer} for layer in (1, 2) for m in (0, 1, 2)]
     path = report.plot_sweep(points, tmp_path / "sweep.png", baseline=0.2)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
