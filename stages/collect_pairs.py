@@ -40,18 +40,32 @@ class CollectPairsConfig(WorkersConfig, PromptSettings, DecodingSettings):
     # only set how often progress is saved.
     NOT_IN_FINGERPRINT = WorkersConfig.NOT_IN_FINGERPRINT | {"batch_size", "samples_per_chunk", "collect_model"}
 
-    collect_model: str = field(default="", metadata={"help": "model that writes the negatives (local dir); empty = --model"})
-    tries: int = field(default=2, metadata={"min": 1, "help": "generation tries per training sample (each may become one pair)"})
-    rag: str = field(default="others", metadata={"help": "history of a try: others (random samples of other users) | "
-                                                         "history (the user's own ranked history)", "choices": list(RAG_MODES)})
-    threshold: float | None = field(default=None, metadata={"min": 0, "max": 1, "help": "keep a try when its ROUGE-L F1 vs the gold is below this (default: the task's)"})
+    collect_model: str = field(default="", metadata={
+        "help": "model that writes the negatives (local dir); empty = --model"})
+    tries: int = field(default=2, metadata={
+        "min": 1, "help": "generation tries per training sample (each may become one pair)"})
+    rag: str = field(default="others", metadata={
+        "help": "history of a try: others (random samples of other users) | history (the user's own ranked history)",
+        "choices": list(RAG_MODES)})
+    threshold: float | None = field(default=None, metadata={
+        "min": 0, "max": 1,
+        "help": "keep a try when its ROUGE-L F1 vs the gold is below this (default: the task's)"})
     batch_size: int = field(default=16, metadata={"min": 1, "help": "prompts per generation batch"})
-    samples_per_chunk: int = field(default=64, metadata={"min": 1, "help": "samples (of whole users) whose tries are generated together: the unit a worker computes and a resumed run redoes"})
-    max_samples: int = field(default=0, metadata={"min": 0, "help": "collect for the first N training samples only (0 = all; for quick runs)"})
-    search_threshold: float | None = field(default=None, metadata={"min": 0, "max": 1, "help": "PersonalWAB: a search call is correct when its result score 1 - rank/len(results) exceeds this"})
-    recommend_in_list: bool | None = field(default=None, metadata={"help": "PersonalWAB: a recommendation counts as correct when the target is in the returned list"})
-    review_threshold: float | None = field(default=None, metadata={"min": -1, "max": 1, "help": "PersonalWAB: a review whose similarity to the gold review is below this is a negative"})
-    positive_k: int | None = field(default=None, metadata={"min": 0, "help": "PersonalWAB: history items in the prompt that collects positives"})
+    samples_per_chunk: int = field(default=64, metadata={
+        "min": 1, "help": "samples (of whole users) whose tries are generated together: "
+                          "the unit a worker computes and a resumed run redoes"})
+    max_samples: int = field(default=0, metadata={
+        "min": 0, "help": "collect for the first N training samples only (0 = all; for quick runs)"})
+    search_threshold: float | None = field(default=None, metadata={
+        "min": 0, "max": 1,
+        "help": "PersonalWAB: a search call is correct when its result score 1 - rank/len(results) exceeds this"})
+    recommend_in_list: bool | None = field(default=None, metadata={
+        "help": "PersonalWAB: a recommendation counts as correct when the target is in the returned list"})
+    review_threshold: float | None = field(default=None, metadata={
+        "min": -1, "max": 1,
+        "help": "PersonalWAB: a review whose similarity to the gold review is below this is a negative"})
+    positive_k: int | None = field(default=None, metadata={
+        "min": 0, "help": "PersonalWAB: history items in the prompt that collects positives"})
 
 
 def _report(summary: dict) -> None:
@@ -112,7 +126,8 @@ def _inputs(cfg: CollectPairsConfig, task) -> tuple[list[Path], list[Path]]:
         raise FileNotFoundError(f"{train_path}: run scripts.02_rank_history first")
     if not remain_path.exists():
         log.warning("%s missing: other users' items come from train.jsonl only", remain_path)
-    return [p for p in (train_path, remain_path) if p.exists()], [p for p in setup_files(cfg.run_dir, task) if p.exists()]
+    setup = [p for p in setup_files(cfg.run_dir, task) if p.exists()]
+    return [p for p in (train_path, remain_path) if p.exists()], setup
 
 
 def run(cfg: CollectPairsConfig) -> dict[str, Any] | None:

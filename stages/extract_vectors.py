@@ -39,18 +39,22 @@ class ExtractConfig(WorkersConfig):
     SECTIONS = ("extract_vectors",)
     NOT_IN_FINGERPRINT = WorkersConfig.NOT_IN_FINGERPRINT | {"batch_size", "chunk_pairs", "pairs_file"}
 
-    layers: list[int] = field(default_factory=lambda: [15], metadata={"min": 0, "non_empty": True, "help": "decoder layers to read"})
+    layers: list[int] = field(default_factory=lambda: [15],
+                              metadata={"min": 0, "non_empty": True, "help": "decoder layers to read"})
     sites: list[str] = field(default_factory=lambda: ["attn", "mlp", "block"],
                              metadata={"non_empty": True, "help": "sites to read", "choices": list(SITES)})
     pairs_file: str = field(default="", metadata={"help": "pairs JSONL (default {run_dir}/pairs/pairs.jsonl)"})
     batch_size: int = field(default=16, metadata={"min": 1, "help": "sequences per forward (each pair is 2 sequences)"})
     max_answer_tokens: int = field(default=256, metadata={"min": 1, "help": "answers are cut to this many tokens"})
-    chunk_pairs: int = field(default=256, metadata={"min": 1, "help": "pairs (of whole users) per chunk: the unit a worker computes and a resumed run redoes"})
+    chunk_pairs: int = field(default=256, metadata={
+        "min": 1, "help": "pairs (of whole users) per chunk: the unit a worker computes and a resumed run redoes"})
     save_dtype: str = field(default="float16", metadata={"help": "dtype of the saved vectors",
                                                          "choices": ["float16", "bfloat16", "float32"]})
     user_strategies: list[str] = field(default_factory=lambda: ["mean", "pca", "logistic"],
-                                       metadata={"non_empty": True, "help": "per-user global vectors", "choices": list(USER_STRATEGIES)})
-    max_pairs: int = field(default=0, metadata={"min": 0, "help": "use only the first N pairs (0 = all; for smoke runs)"})
+                                       metadata={"non_empty": True, "help": "per-user global vectors",
+                                                 "choices": list(USER_STRATEGIES)})
+    max_pairs: int = field(default=0,
+                           metadata={"min": 0, "help": "use only the first N pairs (0 = all; for smoke runs)"})
 
 
 def load_pairs(path: Path, limit: int) -> list[dict]:
@@ -85,7 +89,8 @@ class ExtractJob:
         one-worker job up before it writes)."""
         if self.model is not None:
             return
-        self.model, self.tok = load_model(self.cfg.model, self.cfg.device, self.cfg.dtype, layers_attr=self.cfg.layers_attr)
+        self.model, self.tok = load_model(self.cfg.model, self.cfg.device, self.cfg.dtype,
+                                          layers_attr=self.cfg.layers_attr)
         check_layers(find_layers(self.model), self.cfg.layers)
 
     def run(self, chunk) -> tuple[dict, str]:

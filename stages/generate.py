@@ -43,25 +43,30 @@ class GenerateConfig(WorkersConfig, PromptSettings, DecodingSettings):
     NOT_IN_FINGERPRINT = WorkersConfig.NOT_IN_FINGERPRINT | {"tag", "batch_size", "samples_per_chunk", "eval"}
 
     algo: str = field(default="fints", metadata={"help": "generation algorithm", "choices": list(ALGORITHMS)})
-    split: str = field(default="seen_test", metadata={"name": True, "help": "file name (no .jsonl) in {run_dir}/ranked/"})
+    split: str = field(default="seen_test",
+                       metadata={"name": True, "help": "file name (no .jsonl) in {run_dir}/ranked/"})
     tag: str = field(default="", metadata={"name": True, "help": "suffix of the output directory name, e.g. _L15"})
-    layers: list[int] = field(default_factory=lambda: [15], metadata={"min": 0, "non_empty": True, "help": "layers steered"})
-    sites: list[str] = field(default_factory=lambda: ["attn", "mlp"], metadata={"non_empty": True, "help": "sites steered",
-                                                                               "choices": list(SITES)})
+    layers: list[int] = field(default_factory=lambda: [15],
+                              metadata={"min": 0, "non_empty": True, "help": "layers steered"})
+    sites: list[str] = field(default_factory=lambda: ["attn", "mlp"],
+                             metadata={"non_empty": True, "help": "sites steered", "choices": list(SITES)})
     alpha: float = field(default=1.0, metadata={"help": "multiplier of attn (and block) vectors"})
     beta: float = field(default=1.0, metadata={"help": "multiplier of mlp vectors"})
-    multipliers: list[float] = field(default_factory=list, metadata={"help": "one multiplier per layer (overrides alpha/beta)"})
+    multipliers: list[float] = field(default_factory=list,
+                                     metadata={"help": "one multiplier per layer (overrides alpha/beta)"})
     positions: str = field(default="all", metadata={"help": "tokens that are steered", "choices": list(POSITIONS)})
     vec_strategy: str = field(default="mean", metadata={"help": "steer: the per-user vector",
                                                         "choices": list(USER_STRATEGIES)})
     top_pairs: int = field(default=5, metadata={"min": 1, "help": "fints: pairs retrieved and aggregated per query"})
     pair_weighting: str = field(default="softmax", metadata={"help": "fints: weighting of the retrieved pairs",
                                                              "choices": list(WEIGHTINGS)})
-    softmax_temperature: float = field(default=0.1, metadata={"gt": 0, "help": "fints: softmax temperature of retrieval scores"})
+    softmax_temperature: float = field(default=0.1,
+                                       metadata={"gt": 0, "help": "fints: softmax temperature of retrieval scores"})
     retriever: str = field(default="bm25", metadata={"help": "fints: pair retrieval", "choices": list(RETRIEVERS)})
     batch_size: int = field(default=8, metadata={"min": 1, "help": "rows per generation batch"})
-    samples_per_chunk: int = field(default=64, metadata={"min": 1, "help": "samples (of whole users) generated and saved together: "
-                                                                 "the unit a worker computes and a resumed run redoes"})
+    samples_per_chunk: int = field(default=64, metadata={
+        "min": 1, "help": "samples (of whole users) generated and saved together: "
+                          "the unit a worker computes and a resumed run redoes"})
     limit: int = field(default=0, metadata={"min": 0, "help": "only the first N samples of the split (0: all)"})
     plugin: str = field(default="", metadata={"help": "directory of per-user PEFT LoRA adapters <dir>/<user_id>/ "
                                                       "(oppu, oppu+fints: default {run_dir}/lora)"})

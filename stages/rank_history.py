@@ -37,8 +37,9 @@ class RankHistoryConfig(WorkersConfig):
     encoder: str = field(default="models/all-minilm-l6-v2",
                          metadata={"help": "dense encoder directory (--ranker dense)"})
     on_error: str = field(default="stop", metadata={"help": "what a bad record does", "choices": ON_ERROR})
-    samples_per_chunk: int = field(default=256, metadata={"min": 1, "help": "dense: samples (of whole users, all files) "
-                                                                  "ranked together; a user's texts are encoded once"})
+    samples_per_chunk: int = field(default=256, metadata={
+        "min": 1, "help": "dense: samples (of whole users, all files) ranked together; "
+                          "a user's texts are encoded once"})
 
 
 class DenseJob:

@@ -29,7 +29,8 @@ class ReportConfig(StageConfig):
     STAGE = "report"
     SECTIONS = ("report",)
 
-    splits: list[str] = field(default_factory=list, metadata={"name": True, "help": "test splits to report (default: every generated one)"})
+    splits: list[str] = field(default_factory=list,
+                              metadata={"name": True, "help": "test splits to report (default: every generated one)"})
     baseline: str = field(default="rag", metadata={"help": "run every other method is compared with"})
     unit: str = field(default="user", metadata={"help": "what the bootstrap resamples", "choices": ["user", "sample"]})
     n_boot: int = field(default=2000, metadata={"min": 1, "help": "bootstrap resamples"})

@@ -34,8 +34,8 @@ class SelectUsersConfig(StageConfig):
     include_history_samples: bool | None = field(
         default=None, metadata={"help": "also make training samples of the users' history items (default: the task's)"})
     history_rate: float = field(
-        default=1.0, metadata={"gt": 0, "max": 1, "help": "sparsity: keep this seeded fraction (0, 1] of each seen user's "
-                                       "training samples"})
+        default=1.0, metadata={"gt": 0, "max": 1, "help": "sparsity: keep this seeded fraction (0, 1] of each seen "
+                                                           "user's training samples"})
     val_questions: int = field(default=1, metadata={"min": 0,
         "help": "validation: each seen user's N latest training questions go to seen_val (not train); 0 = none"})
     clusters: bool = field(default=False, metadata={

@@ -28,7 +28,8 @@ class SweepConfig(GenerateConfig):
     STAGE = "sweep"
     SECTIONS = ("prompt", "decoding", "generate", "sweep")
 
-    sweep_layers: list[int] = field(default_factory=lambda: [15], metadata={"min": 0, "non_empty": True, "help": "layers to try, one at a time"})
+    sweep_layers: list[int] = field(default_factory=lambda: [15],
+                                    metadata={"min": 0, "non_empty": True, "help": "layers to try, one at a time"})
     sweep_multipliers: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0],
                                            metadata={"non_empty": True, "help": "multipliers to try at each layer"})
 

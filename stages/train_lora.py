@@ -60,7 +60,8 @@ class TrainLoraConfig(StageConfig, PromptSettings):
     out_dir: str = field(default="", metadata={"help": "adapter directory (default {run_dir}/lora)"})
     prompt: str = field(default="rag", metadata={"help": "prompt of the examples: the one this generation "
                                                          "algorithm writes", "choices": PROMPTS})
-    max_answer_tokens: int = field(default=128, metadata={"min": 1, "help": "answer tokens trained on (longer answers are cut)"})
+    max_answer_tokens: int = field(default=128,
+                                   metadata={"min": 1, "help": "answer tokens trained on (longer answers are cut)"})
     rank: int = field(default=8, metadata={"min": 1, "help": "LoRA rank r"})
     lora_alpha: float = field(default=8.0, metadata={"gt": 0, "help": "LoRA scaling alpha"})
     lora_dropout: float = field(default=0.05, metadata={"min": 0, "lt": 1, "help": "dropout on the LoRA input"})
@@ -71,7 +72,8 @@ class TrainLoraConfig(StageConfig, PromptSettings):
     batch_size: int = field(default=4, metadata={"min": 1, "help": "examples per optimisation step"})
     base: bool = field(default=False, metadata={"help": "first train a shared adapter on remain_train and start "
                                                         "every user from it (OPPU's first step)"})
-    base_limit: int = field(default=0, metadata={"min": 0, "help": "--base: only the first N remain_train samples (0: all)"})
+    base_limit: int = field(default=0,
+                            metadata={"min": 0, "help": "--base: only the first N remain_train samples (0: all)"})
     threads: int = field(default=0, metadata={"min": 0, "help": "CPU threads for torch (0 = torch's default)"})
 
 

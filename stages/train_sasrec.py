@@ -45,8 +45,9 @@ class TrainSasrecConfig(StageConfig):
     epochs: int = field(default=200, metadata={"min": 1, "help": "passes over all user sequences"})
     batch_size: int = field(default=128, metadata={"min": 1, "help": "user sequences per step"})
     lr: float = field(default=1e-3, metadata={"gt": 0, "help": "Adam learning rate"})
-    threads: int = field(default=0, metadata={"min": 0, "help": "CPU threads for torch (0 = torch's default; 1 is fastest "
-                                                       "for small models on a busy machine)"})
+    threads: int = field(default=0, metadata={
+        "min": 0, "help": "CPU threads for torch (0 = torch's default; "
+                          "1 is fastest for small models on a busy machine)"})
     on_error: str = field(default="stop", metadata={"help": "what a bad history record does", "choices": ON_ERROR})
 
 

@@ -45,17 +45,20 @@ class TuneConfig(GenerateConfig):
     STAGE = "tune"
     SECTIONS = ("prompt", "decoding", "generate", "tune")
 
-    tune_layers: list[int] = field(default_factory=lambda: [10, 15, 20], metadata={"min": 0, "non_empty": True, "help": "layers tried, one at a time"})
+    tune_layers: list[int] = field(default_factory=lambda: [10, 15, 20],
+                                   metadata={"min": 0, "non_empty": True, "help": "layers tried, one at a time"})
     tune_multipliers: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0],
                                           metadata={"non_empty": True, "help": "multipliers tried at each layer"})
-    tune_top_pairs: list[int] = field(default_factory=lambda: [5], metadata={"min": 1, "non_empty": True, "help": "fints: top-K pairs tried"})
-    tune_temperatures: list[float] = field(default_factory=lambda: [0.1],
-                                           metadata={"gt": 0, "non_empty": True, "help": "fints: softmax temperatures tried"})
+    tune_top_pairs: list[int] = field(default_factory=lambda: [5],
+                                      metadata={"min": 1, "non_empty": True, "help": "fints: top-K pairs tried"})
+    tune_temperatures: list[float] = field(default_factory=lambda: [0.1], metadata={
+        "gt": 0, "non_empty": True, "help": "fints: softmax temperatures tried"})
     tune_sites: list[str] = field(default_factory=lambda: ["attn+mlp"],
                                   metadata={"non_empty": True, "help": "site sets tried", "choices": list(SITE_SETS)})
     val_split: str = field(default="seen_val", metadata={"name": True, "help": "split the settings are chosen on"})
     test_splits: list[str] = field(default_factory=lambda: ["seen_test", "seen_test_cluster2"],
-                                   metadata={"name": True, "non_empty": True, "help": "splits the tuned methods are tested on (missing ones skipped)"})
+                                   metadata={"name": True, "non_empty": True,
+                                             "help": "splits the tuned methods are tested on (missing ones skipped)"})
     n_boot: int = field(default=2000, metadata={"min": 1, "help": "bootstrap resamples of the report"})
 
 
@@ -65,7 +68,8 @@ def _point_tag(point: dict[str, Any]) -> str:
 
 
 def _point_cfg(base: GenerateConfig, point: dict[str, Any], split: str, tag: str) -> GenerateConfig:
-    extra = {"top_pairs": point["top_pairs"], "softmax_temperature": point["temperature"]} if point["algo"] == "fints" else {}
+    extra = ({"top_pairs": point["top_pairs"], "softmax_temperature": point["temperature"]}
+             if point["algo"] == "fints" else {})
     return replace(base, algo=point["algo"], split=split, layers=[point["layer"]], sites=SITE_SETS[point["sites"]],
                    multipliers=[point["multiplier"]], tag=f"{base.tag}{tag}", eval=False, **extra)
 
@@ -96,7 +100,8 @@ def _grid(cfg: TuneConfig, base: GenerateConfig, model, tok, metric: str) -> dic
     steer = run_points([{"algo": "steer", **p} for p in layer_grid])
     fints = run_points([{"algo": "fints", **p, "top_pairs": k0, "temperature": t0} for p in layer_grid])
     top = best(fints)
-    fints += run_points([{**{k: top[k] for k in ("algo", "sites", "layer", "multiplier")}, "top_pairs": k, "temperature": t}
+    best_layer = {k: top[k] for k in ("algo", "sites", "layer", "multiplier")}
+    fints += run_points([{**best_layer, "top_pairs": k, "temperature": t}
                          for k in cfg.tune_top_pairs for t in cfg.tune_temperatures if (k, t) != (k0, t0)])
     return {"steer": steer, "fints": fints}
 
@@ -167,9 +172,11 @@ def plot_tune(grid: dict[str, list[dict]], test: dict[str, dict], chosen: dict[s
     fig, axes = plt.subplots(1, len(grid), figsize=(5 * len(grid), 4), squeeze=False)
     for ax, (algo, points) in zip(axes[0], grid.items(), strict=True):
         top = chosen[algo]
+        # fints lines: the chosen top-K and temperature only (steer points have neither)
+        alike = [p for p in points
+                 if p.get("top_pairs") == top.get("top_pairs") and p.get("temperature") == top.get("temperature")]
         for key in sorted({(p["sites"], p["layer"]) for p in points}):
-            pts = sorted((p["multiplier"], p["val_score"]) for p in points if (p["sites"], p["layer"]) == key
-                         and p.get("top_pairs") == top.get("top_pairs") and p.get("temperature") == top.get("temperature"))
+            pts = sorted((p["multiplier"], p["val_score"]) for p in alike if (p["sites"], p["layer"]) == key)
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"val L{key[1]} {key[0]}")
         if algo in test:
             ax.plot([top["multiplier"]], [test[algo][metric]], marker="*", markersize=14, linestyle="",

@@ -54,15 +54,17 @@ class WorkersConfig(StageConfig):
     NOT_IN_FINGERPRINT = StageConfig.NOT_IN_FINGERPRINT | {
         "workers", "ray_address", "gpus_per_worker", "cpus_per_worker", "worker_retries"}
 
-    workers: int = field(default=1, metadata={"min": 1, "help": "processes that share the work (1: this process, no Ray; "
-                                                      ">1: Ray actors, one model each)"})
+    workers: int = field(default=1, metadata={
+        "min": 1, "help": "processes that share the work (1: this process, no Ray; >1: Ray actors, one model each)"})
     ray_address: str = field(default="", metadata={"help": "Ray cluster to join with --workers > 1: auto (the local "
                                                            "node's cluster), HOST:PORT or ray://HOST:10001; "
                                                            "empty: start a Ray on this machine"})
-    gpus_per_worker: float = field(default=0.0, metadata={"min": 0, "help": "GPUs each worker reserves (1: one GPU per worker)"})
-    cpus_per_worker: int = field(default=1, metadata={"min": 1, "help": "CPUs each worker reserves; also its torch threads"})
-    worker_retries: int = field(default=2, metadata={"min": 0, "help": "times a dead worker is restarted and its unfinished "
-                                                             "chunks rerun before the stage fails"})
+    gpus_per_worker: float = field(default=0.0,
+                                   metadata={"min": 0, "help": "GPUs each worker reserves (1: one GPU per worker)"})
+    cpus_per_worker: int = field(default=1,
+                                 metadata={"min": 1, "help": "CPUs each worker reserves; also its torch threads"})
+    worker_retries: int = field(default=2, metadata={
+        "min": 0, "help": "times a dead worker is restarted and its unfinished chunks rerun before the stage fails"})
 
 
 class Job(Protocol):
