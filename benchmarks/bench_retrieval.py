@@ -113,7 +113,8 @@ def bench_retrieval(words: Words, sizes: list[int], hiddens: list[int], n_querie
             start = time.perf_counter()
             old = OldAggregator(texts, tensors, 5, 0.1)
             old_build = time.perf_counter() - start
-            new = PairAggregator(VectorStore({"keys": KEYS}, index, tensors), KEYS, top_pairs=5, softmax_temperature=0.1)
+            new = PairAggregator(VectorStore({"keys": KEYS}, index, tensors), KEYS,
+                                 top_pairs=5, softmax_temperature=0.1)
             start = time.perf_counter()
             new.vectors(["u"], queries[:1])  # the user's index and vectors, built once
             new_build = time.perf_counter() - start
@@ -137,7 +138,8 @@ def bench_stage02(words: Words, users: int, samples_per_user: int, items: int) -
     samples = []
     for u in range(users):
         inputs, outputs = words.texts(items, 100), words.texts(items, 10)
-        history = [{"id": f"u{u}h{i}", "input": a, "output": b} for i, (a, b) in enumerate(zip(inputs, outputs, strict=True))]
+        history = [{"id": f"u{u}h{i}", "input": a, "output": b}
+                   for i, (a, b) in enumerate(zip(inputs, outputs, strict=True))]
         for j, query in enumerate(words.texts(samples_per_user, 300)):
             samples.append({"id": f"u{u}s{j}", "user_id": f"u{u}", "input": query, "output": "", "history": history})
     query = lambda s: s["input"]  # noqa: E731

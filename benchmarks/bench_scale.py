@@ -91,7 +91,8 @@ def main() -> None:
     try:
         common = ["--config", str(CONFIG), "--model", str(MODEL), "--device", "cpu", "--dtype", "float32"]
         prepared = base / "prepared"
-        for module, cls in ((select_users, select_users.SelectUsersConfig), (rank_history, rank_history.RankHistoryConfig)):
+        preparing = ((select_users, select_users.SelectUsersConfig), (rank_history, rank_history.RankHistoryConfig))
+        for module, cls in preparing:
             module.run(parse_config(cls, [*common, "--run-dir", str(prepared)]))
         overhead = _ray_overhead(1)
         results: dict[str, dict[str, float]] = {"03": {}, "05": {}}

@@ -67,8 +67,8 @@ def _deltas(samples, vectors_dir: str, model) -> dict[str, torch.Tensor]:
         return out
     gen = torch.Generator().manual_seed(0)
     print("vectors: random (norm 4)")
-    return {k: torch.nn.functional.normalize(torch.randn(len(samples), model.config.hidden_size, generator=gen), dim=-1) * 4
-            for k in KEYS}
+    shape = (len(samples), model.config.hidden_size)
+    return {k: torch.nn.functional.normalize(torch.randn(*shape, generator=gen), dim=-1) * 4 for k in KEYS}
 
 
 def bench_overhead(model, tok, messages, deltas, new_tokens: int, repeats: int) -> None:
@@ -135,7 +135,8 @@ def bench_batching(model, tok, messages, deltas, new_tokens: int) -> None:
     t_alone = time.perf_counter() - start
     same = sum(a == b for a, b in zip(batched, alone, strict=True))
     print(f"(b) {len(messages)} steered queries, mixed users: batch 16 {t_batch:.2f}s, one at a time "
-          f"{t_alone:.2f}s, throughput x{t_alone / t_batch:.2f} (goal >= 2.5); identical outputs {same}/{len(messages)}")
+          f"{t_alone:.2f}s, throughput x{t_alone / t_batch:.2f} (goal >= 2.5); "
+          f"identical outputs {same}/{len(messages)}")
 
 
 def bench_extraction(model, tok, pairs, repeats: int) -> None:

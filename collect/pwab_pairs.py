@@ -68,7 +68,8 @@ def _positives(cfg, task, chunk, generate, env, encoder, tok, failures) -> dict[
             asked.append(s)
     if asked:
         prompts = [task.prompt(s, s["history"][:cfg.positive_k], tok, cfg.max_prompt_tokens) for s in asked]
-        for s, (call, ok, score) in zip(asked, _judged(cfg, asked, generate(prompts), env, encoder, failures), strict=True):
+        verdicts = _judged(cfg, asked, generate(prompts), env, encoder, failures)
+        for s, (call, ok, score) in zip(asked, verdicts, strict=True):
             if ok:
                 out[s["id"]] = (format_tool_call(call), score)
     return out
@@ -111,7 +112,8 @@ class PwabCollector:
             s, pools.get(s["user_id"], []), cfg.history_k, cfg.tries, cfg.seed)]
         texts = self.generate([task.prompt(s, h, tok, cfg.max_prompt_tokens) for s, h in tries]) if tries else []
         by_sample: dict[str, list] = {}
-        for (s, _), verdict in zip(tries, _judged(cfg, [s for s, _ in tries], texts, self.env, self.encoder, failures), strict=True):
+        verdicts = _judged(cfg, [s for s, _ in tries], texts, self.env, self.encoder, failures)
+        for (s, _), verdict in zip(tries, verdicts, strict=True):
             by_sample.setdefault(s["id"], []).append(verdict)
         pairs, markers = [], []
         for s in samples:
@@ -136,8 +138,8 @@ def summarize_pwab(markers: list[dict], users: set[str]) -> dict[str, Any]:
     for m in markers:
         parse_failures.update(m.get("parse_failures", {}))
     summary["parse_failures"] = {"total": sum(parse_failures.values()), **dict(parse_failures)}
-    summary["pwab"] = {"positives": sum(1 for m in markers if m.get("positive")),
-                       "positives_by_type": dict(sorted(Counter(m["type"] for m in markers if m.get("positive")).items()))}
+    by_type = Counter(m["type"] for m in markers if m.get("positive"))
+    summary["pwab"] = {"positives": sum(by_type.values()), "positives_by_type": dict(sorted(by_type.items()))}
     return summary
 
 

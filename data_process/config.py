@@ -56,7 +56,8 @@ class CommonConfig:
     model: str = field(default="models/smollm2-135m-instruct",
                        metadata={"help": "local directory of the model that is steered"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"})
+    dtype: str = field(default="auto",
+                       metadata={"help": "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"})
     seed: int = field(default=42, metadata={"min": 0, "help": "random seed of every sampling step"})
     overwrite: bool = field(default=False, metadata={"help": "redo a stage whose manifest exists"})
     config: str = field(default="", metadata={"help": "task config JSON supplying defaults for every flag"})
@@ -109,7 +110,8 @@ def config_defaults(path: str | Path, config_cls: type, sections: tuple[str, ...
         if key in STAGE_SECTIONS:
             continue
         if key not in common:
-            raise ValueError(f"{path}: unknown top-level key {key!r}.{suggest(key, sorted(common | set(STAGE_SECTIONS)))}"
+            known = sorted(common | set(STAGE_SECTIONS))
+            raise ValueError(f"{path}: unknown top-level key {key!r}.{suggest(key, known)}"
                              f" Top-level keys are {sorted(common)} and stage sections {list(STAGE_SECTIONS)}")
         if key in fields:
             take(key, value, "top-level ")

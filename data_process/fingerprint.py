@@ -58,7 +58,8 @@ def model_identity(model_dir: str | Path) -> dict[str, str]:
     if key not in _MODEL_IDS:
         path = Path(model_dir)
         digest = hashlib.sha256()
-        files = sorted(path.glob("config.json")) + sorted(path.glob("*.index.json")) + sorted(path.glob("*.safetensors"))
+        files = (sorted(path.glob("config.json")) + sorted(path.glob("*.index.json"))
+                 + sorted(path.glob("*.safetensors")))
         for f in files:
             digest.update(f.name.encode())
             if f.suffix == ".safetensors":
@@ -99,7 +100,8 @@ def _short(value: Any) -> str:
 def setting_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """'field (old -> new)' for every setting or model that differs between two fingerprints."""
     a, b = old.get("settings", {}), new.get("settings", {})
-    changes = [f"{k} ({_short(a.get(k))} -> {_short(b.get(k))})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    changes = [f"{k} ({_short(a.get(k))} -> {_short(b.get(k))})"
+               for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if (old.get("model") or {}).get("sha256") != (new.get("model") or {}).get("sha256"):
         changes.append(f"model ({(old.get('model') or {}).get('name')} -> {(new.get('model') or {}).get('name')})")
     return changes

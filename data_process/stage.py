@@ -71,8 +71,8 @@ class Stage:
         self.done = not self.redo and self.manifest_path.exists()
         self.started: dt.datetime | None = None
         if self.done:
-            log.info("[%s] %s: stage already finished with the same settings and inputs, skipped (pass --overwrite to redo it)",
-                     name, self.final_dir)
+            log.info("[%s] %s: stage already finished with the same settings and inputs, skipped "
+                     "(pass --overwrite to redo it)", name, self.final_dir)
 
     def start(self) -> Path:
         """Create the output folder (a redo's work folder) and its fingerprint; return the folder.

@@ -75,7 +75,8 @@ def score_calls(calls: list[ToolCall | None], kinds: list[str], targets: list[An
     """(FACC, RACC) of each call for its task type and target; reviews scored in one batch."""
     out: list[tuple[float, float]] = [(0.0, 0.0)] * len(calls)
     reviews: list[tuple[int, str, str]] = []
-    for i, (call, kind, target) in enumerate(tqdm(list(zip(calls, kinds, targets, strict=True)), desc=desc, leave=False)):
+    rows = list(zip(calls, kinds, targets, strict=True))
+    for i, (call, kind, target) in enumerate(tqdm(rows, desc=desc, leave=False)):
         if call is None or call.name != TYPES[kind]:
             continue
         if kind == "review":

@@ -53,7 +53,8 @@ class ToolCallConstraint:
         self.kinds = {name: kind for name, (_, kind) in schema.items()}
         self.eos_ids = list(eos_ids)
         special = set(tok.all_special_ids)
-        self.pieces = [("" if i in special else p) for i, p in enumerate(tok.batch_decode([[i] for i in range(len(tok))]))]
+        pieces = tok.batch_decode([[i] for i in range(len(tok))])
+        self.pieces = [("" if i in special else p) for i, p in enumerate(pieces)]
         self.by_piece: dict[str, list[int]] = {}
         for i, piece in enumerate(self.pieces):
             if piece:
@@ -75,7 +76,8 @@ class ToolCallConstraint:
 
     def _closing_masks(self, exits: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(any closing token, closing tokens that carry content before the quote)."""
-        any_close, with_content = torch.zeros(len(self.pieces), dtype=torch.bool), torch.zeros(len(self.pieces), dtype=torch.bool)
+        any_close = torch.zeros(len(self.pieces), dtype=torch.bool)
+        with_content = torch.zeros(len(self.pieces), dtype=torch.bool)
         for i, piece in enumerate(self.pieces):
             q = piece.find('"')
             if q >= 0 and _content_safe(piece[:q]) and any(e.startswith(piece[q:]) for e in exits):
@@ -155,6 +157,7 @@ def decoding_kwargs(task: Task, model, tok, constrained: bool | None = False) ->
     kwargs: dict = {"response_prefix": task.response_prefix}
     if constrained:
         if task.call_schema is None:
-            raise ValueError(f"--constrained: task {task.name!r} has free-text answers (no call schema to constrain to)")
+            raise ValueError(f"--constrained: task {task.name!r} has free-text answers "
+                             "(no call schema to constrain to)")
         kwargs["constraint"] = ToolCallConstraint(tok, task.call_schema, eos_ids(model, tok)).processor
     return kwargs

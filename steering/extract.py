@@ -176,7 +176,8 @@ def extract_chunked(model, tok, pairs: list[dict], keys: list[str], chunk_dir: s
         path = chunk_dir / f"chunk_{start:08d}.safetensors"
         acts = load_chunk(path, ids, fingerprint, keys)
         if acts is None:
-            acts = extract_pairs(model, tok, chunk, keys, batch_size, max_answer_tokens, response_prefix=response_prefix)
+            acts = extract_pairs(model, tok, chunk, keys, batch_size, max_answer_tokens,
+                                 response_prefix=response_prefix)
             save_chunk(path, acts, ids, fingerprint)
         parts.append(acts)
         bar.update(len(chunk))

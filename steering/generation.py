@@ -88,7 +88,8 @@ class RowSampler(LogitsProcessor):
             # Keep the smallest set of most likely tokens whose mass reaches top_p.
             drop = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
             probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        chosen = torch.stack([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators, strict=True)])
+        chosen = torch.stack([torch.multinomial(row, 1, generator=g)
+                              for row, g in zip(probs, self.generators, strict=True)])
         return torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
 
 

@@ -102,14 +102,16 @@ def find_longlamp_files(data_dir: Path) -> tuple[str, dict[str, tuple[str, list[
     """The layout found in ``data_dir`` and the (split name, files) of ``train`` and ``test``."""
     train = _split_files(data_dir, "train")
     if train is None:
-        raise FileNotFoundError(f"{data_dir}: no LongLaMP split file for the training split; looked for {_looked_for('train')}")
+        raise FileNotFoundError(f"{data_dir}: no LongLaMP split file for the training split; "
+                                f"looked for {_looked_for('train')}")
     for name in TEST_NAMES:
         test = _split_files(data_dir, name)
         if test is not None:
             break
     else:
         looked = "; ".join(_looked_for(n) for n in TEST_NAMES)
-        raise FileNotFoundError(f"{data_dir}: no LongLaMP split file for the test split (test, dev or val); looked for {looked}")
+        raise FileNotFoundError(f"{data_dir}: no LongLaMP split file for the test split (test, dev or val); "
+                                f"looked for {looked}")
     layouts = list(dict.fromkeys([train[0], test[0]]))
     shown = ", ".join(f"{split}: {len(files)} file(s) {files[0].relative_to(data_dir)}"
                       + (" ..." if len(files) > 1 else "") for split, (_, files) in (("train", train), (name, test)))

@@ -43,8 +43,9 @@ def _tools_text() -> str:
     lines = []
     for i, (name, (desc, arg, schema, example)) in enumerate(TOOLS.items(), 1):
         when = f" Use it {_WHEN[name]}." if name in _WHEN else ""
+        call = format_tool_call(ToolCall(name, {arg: example}))
         lines.append(f"{i}. {name}: {desc}.{when} Arguments: {json.dumps({arg: schema})}\n"
-                     f'   Example: request "{_EXAMPLE_REQUESTS[name]}" -> {format_tool_call(ToolCall(name, {arg: example}))}')
+                     f'   Example: request "{_EXAMPLE_REQUESTS[name]}" -> {call}')
     return "\n".join(lines)
 
 
