@@ -65,7 +65,8 @@ def test_there_are_no_import_circles():
             visit(node, [node])
     # A package importing its own submodules (collect/__init__ -> collect.pairs) is how
     # Python packages work, not a circle between ideas.
-    cycles = [c for c in cycles if not any(a.startswith(b + ".") or b.startswith(a + ".") for a, b in zip(c, c[1:], strict=False))]
+    cycles = [c for c in cycles
+              if not any(a.startswith(b + ".") or b.startswith(a + ".") for a, b in zip(c, c[1:], strict=False))]
     assert cycles == []
 
 
@@ -77,7 +78,8 @@ def test_no_task_branches_outside_the_task_definitions():
 
 
 def test_every_stage_script_only_parses_and_calls_its_stage():
-    scripts = sorted((ROOT / "scripts").glob("[0-9]*.py")) + [ROOT / "scripts" / n for n in ("sweep.py", "train_sasrec.py")]
+    scripts = sorted((ROOT / "scripts").glob("[0-9]*.py"))
+    scripts += [ROOT / "scripts" / n for n in ("sweep.py", "train_sasrec.py")]
     for path in scripts:
         body = ast.parse(path.read_text(encoding="utf-8")).body
         assert ast.get_docstring(ast.Module(body=body, type_ignores=[])), path  # a usage docstring first

@@ -14,11 +14,13 @@ from steering.vectors import VectorStore, load_user_vectors
 from tests.conftest import run_stage
 
 PAIRS = [
-    {"pair_id": "p0", "user_id": "u1", "sample_id": "s0", "prompt": "Generate a headline for the following article: the quick brown fox",
+    {"pair_id": "p0", "user_id": "u1", "sample_id": "s0",
+     "prompt": "Generate a headline for the following article: the quick brown fox",
      "chosen": "fox jumps over dog", "rejected": "a lazy dog"},
     {"pair_id": "p1", "user_id": "u1", "sample_id": "s1", "prompt": "JSON files",
      "chosen": "A library for parsing JSON files and a tool to convert images", "rejected": "images"},
-    {"pair_id": "p2", "user_id": "u2", "sample_id": "s2", "prompt": "Debian package maintainers write short descriptions",
+    {"pair_id": "p2", "user_id": "u2", "sample_id": "s2",
+     "prompt": "Debian package maintainers write short descriptions",
      "chosen": "short descriptions", "rejected": "long descriptions of their software, the quick brown fox"},
     {"pair_id": "p3", "user_id": "u2", "sample_id": "s3", "prompt": "user history item review rating",
      "chosen": "rating title category product", "rejected": "review"},

@@ -188,7 +188,8 @@ def test_an_unknown_post_norm_layout_asks_for_an_explicit_layout(tiny_family):
         find_layers(wrapper)
     wrapper.fints_layout = parse_layout("model.layers:self_attn:mlp:post_attention_layernorm:"
                                         "post_feedforward_layernorm")  # what --layers-attr sets
-    assert [(layer.attn, layer.mlp) for layer in find_layers(wrapper)] == [(layer.attn, layer.mlp) for layer in find_layers(model)]
+    declared = [(layer.attn, layer.mlp) for layer in find_layers(wrapper)]
+    assert declared == [(layer.attn, layer.mlp) for layer in find_layers(model)]
 
 
 def test_layers_attr_names_output_norms_from_the_cli_to_the_hooked_modules(tiny_llama_dir):

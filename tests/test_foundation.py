@@ -128,7 +128,8 @@ def test_manifest_is_written_last_and_records_what_the_stage_did(tmp_path):
     assert again.out_dir == tmp_path / "s.new" and out.exists()
     again.finish(outputs=[again.out_dir / "new.jsonl"])
     assert not out.exists() and (tmp_path / "s" / "new.jsonl").exists() and not (tmp_path / "s.new").exists()
-    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["outputs"][0]["path"] == str(tmp_path / "s" / "new.jsonl")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["outputs"][0]["path"] == str(tmp_path / "s" / "new.jsonl")
 
 
 def test_config_precedence_is_defaults_then_top_level_then_section_then_flags(tmp_path):

@@ -122,7 +122,8 @@ def test_answers_strip_and_drop_echoed_role_markers(text, expected):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ('{"name": "search", "arguments": {"query": "red shoes"}}', '{"name": "search", "arguments": {"query": "red shoes"}}'),
+    ('{"name": "search", "arguments": {"query": "red shoes"}}',
+     '{"name": "search", "arguments": {"query": "red shoes"}}'),
     ('Sure! ```json\n{"a": 1}\n``` done', '{"a": 1}'),
     ('The call is {"a": [1, 2]} and more {"b": 2}', '{"a": [1, 2]}'),
     ('bad {start then {"ok": true}', '{"ok": true}'),

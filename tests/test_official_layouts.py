@@ -35,7 +35,8 @@ A1, A2, A3 = (item("a-p1", "Alpha one text.", "Alpha one", "2020-01-01"),
               item("a-p2", "Alpha two text.", "Alpha two", "2020-02-01"),
               item("a-p3", "Alpha three text.", "Alpha three", "2020-03-01"))
 # a-q1 asked again in a later profile under the id a-x, on the same day as a-p5.
-AX, A5 = item("a-x", "Alpha question text.", "Alpha question", "2020-04-01"), item("a-p5", "Alpha five.", "Alpha five", "2020-04-01")
+AX, A5 = (item("a-x", "Alpha question text.", "Alpha question", "2020-04-01"),
+          item("a-p5", "Alpha five.", "Alpha five", "2020-04-01"))
 B6, B7 = item("p6", "Beta six.", "Beta six", 2018), item("p7", "Beta seven.", "Beta seven", 2019)
 C7 = item("p7", "Gamma seven.", "Gamma seven", 2019)  # LaMP profile ids need not be unique across users
 LAMP = {
@@ -92,8 +93,8 @@ def test_lamp5_fixture_loads_from_the_official_layout(tmp_path):
 
 
 def test_a_folder_without_lamp_files_lists_what_was_looked_for(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"no LaMP files; looked for train_questions.json, "
-                                                r"train_outputs.json, train/train_questions.json.*valid/valid_outputs.json"):
+    with pytest.raises(FileNotFoundError, match=r"no LaMP files; looked for train_questions.json, train_outputs.json, "
+                                                r"train/train_questions.json.*valid/valid_outputs.json"):
         get_task("lamp4").load(tmp_path)
 
 

@@ -1,4 +1,5 @@
-"""PersonalWAB loader (tasks/pwab_data.py) and function-calling prompt (tasks/pwab.py), tool-call parsing (eval/pwab_tools.py)."""
+"""PersonalWAB loader (tasks/pwab_data.py) and function-calling prompt (tasks/pwab.py),
+tool-call parsing (eval/pwab_tools.py)."""
 
 from __future__ import annotations
 

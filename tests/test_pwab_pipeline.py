@@ -112,7 +112,8 @@ def test_constrained_tool_calls_give_pairs_vectors_and_steered_calls(pwab_run):
     intervals = table.split("intervals against rag")[1]
     assert all(f"| {algo} | " in intervals for algo in ("zeroshot", "steer", "fints")) and "| rag | " not in intervals
     gen = run_dir / "generations" / "seen_test"
-    rag, fints = ({r["id"]: r["generation"] for r in read_jsonl(gen / a / "generations.jsonl")} for a in ("rag", "fints"))
+    rag, fints = ({r["id"]: r["generation"] for r in read_jsonl(gen / algo / "generations.jsonl")}
+                  for algo in ("rag", "fints"))
     steered = set(manifests["05_generate/fints"]["users_without_vectors"])
     differs = [i for i in rag if rag[i] != fints[i]]
     assert differs and all(json.loads(fints[i])["name"] for i in differs)

@@ -32,7 +32,8 @@ def test_the_same_seed_writes_the_same_bytes_and_another_seed_other_data(synth, 
     out, _ = synth
     _generator().make_fixture(tmp_path / "again", seed=0)
     _generator().make_fixture(tmp_path / "other", seed=1)
-    for name in ("all_products_part_1.json", "user_history_part_1.json", "user_instructions.json", "user_profiles.json"):
+    names = ("all_products_part_1.json", "user_history_part_1.json", "user_instructions.json", "user_profiles.json")
+    for name in names:
         assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
     assert (out / "user_instructions.json").read_bytes() != (tmp_path / "other" / "user_instructions.json").read_bytes()
 

@@ -30,7 +30,8 @@ SAMPLE = {"id": "q", "user_id": "u", "input": "Generate a headline for the follo
 
 def hand_bm25(tf: dict[str, int], dl: int) -> float:
     """BM25Okapi (k1=1.5, b=0.75) for the query cat/on/the/mat over HISTORY (N=5, avgdl=27/5)."""
-    idf = {"cat": math.log(3.5 / 2.5), "the": math.log(3.5 / 2.5), "on": math.log(4.5 / 1.5), "mat": math.log(4.5 / 1.5)}
+    in_one, in_two = math.log(4.5 / 1.5), math.log(3.5 / 2.5)  # terms in 1 and in 2 of the 5 items
+    idf = {"cat": in_two, "the": in_two, "on": in_one, "mat": in_one}
     norm = 1.5 * (0.25 + 0.75 * dl / 5.4)
     return sum(idf[t] * n * 2.5 / (n + norm) for t, n in tf.items())
 
@@ -81,7 +82,8 @@ def test_dense_ranks_by_cosine_and_encodes_each_distinct_text_once():
 def test_dense_with_minilm_puts_the_cat_items_first():
     from data_process.dense import DenseEncoder
 
-    (ranked,) = rank_samples([SAMPLE], "dense", query=get_task("lamp4").query, encoder=DenseEncoder(ENCODER), batch_size=2)
+    (ranked,) = rank_samples([SAMPLE], "dense", query=get_task("lamp4").query, encoder=DenseEncoder(ENCODER),
+                             batch_size=2)
     assert {h["id"] for h in ranked["history"][:2]} == {"h1", "h2"}
 
 
@@ -94,7 +96,8 @@ def test_unknown_ranker_suggests_a_name():
 
 def run_both(run_dir: Path, task: str, data_dir: Path, *rank_flags: str, select_flags=()) -> dict | None:
     config = str(ROOT / "configs" / f"{task}.json")
-    run_stage("select_users", ["--config", config, "--run-dir", str(run_dir), "--data-dir", str(data_dir), *select_flags])
+    run_stage("select_users",
+              ["--config", config, "--run-dir", str(run_dir), "--data-dir", str(data_dir), *select_flags])
     return run_stage("rank_history", ["--config", config, "--run-dir", str(run_dir), *rank_flags])
 
 

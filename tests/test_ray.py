@@ -65,7 +65,8 @@ def rerun(reference, stage: str, *flags: str, first=None) -> None:
     run_stage(stage, argv)
     for name in OUTPUTS[folder]:
         assert (out / name).read_bytes() == (ref / name).read_bytes(), f"{folder}/{name} differs"
-    assert json.loads((out / "manifest.json").read_text())["config"]["workers"] == int(flags[flags.index("--workers") + 1])
+    workers = int(flags[flags.index("--workers") + 1])
+    assert json.loads((out / "manifest.json").read_text())["config"]["workers"] == workers
 
 
 def test_chunks_hold_whole_users_in_input_order_and_a_user_stays_on_one_worker():

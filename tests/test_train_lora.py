@@ -60,8 +60,12 @@ def test_training_sees_only_train_samples_and_never_a_test_gold(run, tmp_path, m
     config, run_dir = run
     seen = []
     real = train_lora.encode_example
-    monkeypatch.setattr(train_lora, "encode_example",
-                        lambda tok, message, answer, *rest: seen.append((message, answer)) or real(tok, message, answer, *rest))
+
+    def spy(tok, message, answer, *rest):
+        seen.append((message, answer))
+        return real(tok, message, answer, *rest)
+
+    monkeypatch.setattr(train_lora, "encode_example", spy)
     run_stage("train_lora", ["--config", str(config), "--out-dir", str(tmp_path / "spy"), "--epochs", "1"])
     train = read_jsonl(run_dir / "ranked" / "train.jsonl")
     tests = [s for split in ("seen_test", "unseen_test") for s in read_jsonl(run_dir / "ranked" / f"{split}.jsonl")]
@@ -195,7 +199,8 @@ def test_a_training_answer_equal_to_a_test_gold_is_skipped_not_learned(run, tmp_
     as_if_written_by_its_stage(copy / "ranked" / "train.jsonl")
     manifest = run_stage("train_lora", ["--config", str(config), "--run-dir", str(copy), "--epochs", "1"])
     assert manifest["users"][twin["user_id"]]["n_samples"] == sum(s["user_id"] == twin["user_id"] for s in train) - 1
-    assert f"skipped 1 training sample(s) whose answer is also a test gold of their user: ['{twin['id']}']" in caplog.text
+    assert (f"skipped 1 training sample(s) whose answer is also a test gold of their user: ['{twin['id']}']"
+            in caplog.text)
 
 
 def test_base_trains_a_shared_adapter_on_remain_train_that_every_user_starts_from(run, tmp_path):
