@@ -39,7 +39,7 @@ LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 # Names of the per-stage sections a task config may hold.
 STAGE_SECTIONS = ("select_users", "rank_history", "collect_pairs", "extract_vectors",
-                  "generate", "evaluate", "sweep", "train_sasrec", "train_lora", "tune", "report")
+                  "generate", "evaluate", "sweep", "train_sasrec", "train_lora", "tune", "report", "serve")
 
 
 @dataclass
