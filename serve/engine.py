@@ -45,9 +45,10 @@ class Row:
 
     def batch_key(self) -> tuple:
         """Rows with equal keys can share one generate call: the same answer prefix and
-        grammar (whose length budget is the batch's), steered positions and adapter."""
+        grammar (whose length budget is the batch's), steered positions and adapter.  An
+        unsteered row adds zeros, so it joins any positions."""
         return (self.response_prefix, self.constraint is not None and self.max_new_tokens,
-                self.positions if self.deltas else None, self.adapter_user)
+                self.positions if self.deltas else "all", self.adapter_user)
 
 
 @dataclass
