@@ -9,9 +9,14 @@ Settings: stage 05's (config section ``generate``) as every request's defaults, 
 section ``serve`` and flags (see serve/settings.py, docs/serving.md).
 """
 
-from data_process.cli import main
-from serve.server import run
-from serve.settings import ServeConfig
+import os
+
+# Ranking a user's history runs per request: its progress bar would print once per request.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from data_process.cli import main  # noqa: E402 -- after the environment it reads
+from serve.server import run  # noqa: E402
+from serve.settings import ServeConfig  # noqa: E402
 
 if __name__ == "__main__":
     main(ServeConfig, run)
