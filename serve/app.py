@@ -57,28 +57,6 @@ def create_app(runtime: Runtime, api_key: str = "") -> FastAPI:
         return JSONResponse(ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}").body,
                             status_code=err.status_code)
 
-    def authorize(request: Request) -> None:
-        if not api_key:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-    async def body(request: Request) -> dict[str, Any]:
-        limit = cfg.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"the body has {declared} bytes; the limit is {limit} (--max-body-bytes)",
-                           code="body_too_large")
-        raw, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"the body is over {limit} bytes (--max-body-bytes)", code="body_too_large")
-            raw.append(chunk)
-        return parse_json(b"".join(raw))
-
     @app.get("/health")
     async def health() -> dict[str, Any]:
         scheduler = state["scheduler"]
@@ -88,38 +66,70 @@ def create_app(runtime: Runtime, api_key: str = "") -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        authorize(request)
+        authorize(request, api_key)
         return {"object": "list", "data": [{"id": runtime.name, "object": "model", "created": started,
                                             "owned_by": "fints"}]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        authorize(request)
-        return await complete("chat", validate(ChatRequest, await body(request)))
+        authorize(request, api_key)
+        parsed = validate(ChatRequest, await read_body(request, cfg.max_body_bytes))
+        return await complete(runtime, state["scheduler"], "chat", parsed)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
-        return await complete("text", validate(CompletionRequest, await body(request)))
-
-    async def complete(kind: str, parsed) -> Any:
-        job, headers = to_job(runtime, kind, parsed)
-        future = state["scheduler"].submit(job, cfg.request_timeout_s)
-        try:
-            result, notes = await asyncio.wait_for(asyncio.wrap_future(future), cfg.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(504, f"no answer within {cfg.request_timeout_s:g} s (--request-timeout-s); the server "
-                                "is overloaded or the request too long", code="timeout") from None
-        headers["x-fints-algo"] = job.cfg.algo
-        if notes:
-            headers["x-fints-note"] = "; ".join(notes)
-        reply = Reply(kind, runtime.name, result)
-        if parsed.stream:
-            usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-            return StreamingResponse(reply.events(usage), media_type="text/event-stream", headers=headers)
-        return JSONResponse(reply.whole(), headers=headers)
+        authorize(request, api_key)
+        parsed = validate(CompletionRequest, await read_body(request, cfg.max_body_bytes))
+        return await complete(runtime, state["scheduler"], "text", parsed)
 
     return app
+
+
+def authorize(request: Request, api_key: str) -> None:
+    """401 unless the request carries ``Authorization: Bearer <api_key>`` (no key set: anyone)."""
+    if not api_key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    # compare_digest: how long the comparison takes says nothing about how much of the key matched
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def read_body(request: Request, limit: int) -> dict[str, Any]:
+    """The JSON object of the body, read no further than ``limit`` bytes (413 beyond; a
+    chunked body declares no length, so the count is kept while reading)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the body has {declared} bytes; the limit is {limit} (--max-body-bytes)",
+                       code="body_too_large")
+    raw, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the body is over {limit} bytes (--max-body-bytes)", code="body_too_large")
+        raw.append(chunk)
+    return parse_json(b"".join(raw))
+
+
+async def complete(runtime: Runtime, scheduler: Scheduler, kind: str, parsed) -> Any:
+    """Queue one validated request, await its answer (504 past the deadline), reply."""
+    timeout = runtime.cfg.request_timeout_s
+    job, headers = to_job(runtime, kind, parsed)
+    future = scheduler.submit(job, timeout)
+    try:
+        result, notes = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+    except TimeoutError:
+        raise ApiError(504, f"no answer within {timeout:g} s (--request-timeout-s); the server is overloaded "
+                            "or the request too long", code="timeout") from None
+    headers["x-fints-algo"] = job.cfg.algo
+    if notes:
+        headers["x-fints-note"] = "; ".join(notes)
+    reply = Reply(kind, runtime.name, result)
+    if parsed.stream:
+        usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+        return StreamingResponse(reply.events(usage), media_type="text/event-stream", headers=headers)
+    return JSONResponse(reply.whole(), headers=headers)
 
 
 def to_job(runtime: Runtime, kind: str, parsed) -> tuple[Job, dict[str, str]]:

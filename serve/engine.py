@@ -129,7 +129,7 @@ def generate_rows(model, tok, rows: list[Row], adapters=None) -> list[Result]:
             else nullcontext():
         out = run_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     results = []
-    for row, tokens in zip(rows, out[:, width:].tolist()):
+    for row, tokens in zip(rows, out[:, width:].tolist(), strict=True):
         tokens = tokens[:row.max_new_tokens]
         ended = next((j for j, t in enumerate(tokens) if t in eos), None)
         tokens = tokens if ended is None else tokens[:ended]

@@ -33,7 +33,7 @@ from stages.generate import GenerateConfig
 from stages.generate import _settings as algo_settings
 from steering.algorithms import ALGORITHMS, Fints, GlobalSteer, SteerSpec, ZeroShot, build_algorithm
 from steering.decoding import decoding_kwargs
-from steering.model import check_layers, chat_prompt, find_layers, load_model
+from steering.model import chat_prompt, check_layers, find_layers, load_model
 from steering.vectors import INDEX_FILE
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,8 @@ class Runtime:
         plugin = Path(self.cfg.plugin) if self.cfg.plugin else stage_dir(self.cfg.run_dir, "lora")
         if not (plugin / "manifest.json").exists() and not self.cfg.plugin:
             return None
-        users = sorted(d.name for d in plugin.iterdir() if is_safe_name(d.name) and (d / "adapter_config.json").exists())
+        users = sorted(d.name for d in plugin.iterdir()
+                       if is_safe_name(d.name) and (d / "adapter_config.json").exists())
         if not users:
             return None
         from steering.runner import UserAdapters

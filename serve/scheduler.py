@@ -114,7 +114,7 @@ class Scheduler:
                 results = [self._alone(p.row) for _, p in group]
             self.batches += 1
             self.rows += len(group)
-            for (job, prepared), result in zip(group, results):
+            for (job, prepared), result in zip(group, results, strict=True):
                 if isinstance(result, BaseException):
                     _fail(job, result)
                 else:

@@ -175,7 +175,7 @@ def test_overrides_change_the_steering_multiplier_zero_equals_rag(tiny_run, clie
     _, run_dir = tiny_run
     rag = stage05(run_dir, "rag")
     for sample in samples(run_dir)[:3]:
-        def ask(**fints):
+        def ask(sample=sample, **fints):
             return client.completions.create(model=MODEL, prompt=sample["input"], user=sample["user_id"],
                                              extra_body={"fints": {"algo": "fints", **fints}}).choices[0].text
         assert ask(multipliers=[0.0]) == rag[sample["id"]]
@@ -197,6 +197,12 @@ def test_chat_mode_sends_the_messages_as_given_and_only_steers(tiny_run, client)
     assert chat(client, user, "a new compiler for rust", algo="steer", multipliers=[50.0]) != plain
 
 
+def text(reply: dict) -> str:
+    """The answer of a completion or chat completion body."""
+    choice = reply["choices"][0]
+    return choice["text"] if "text" in choice else choice["message"]["content"]
+
+
 def test_a_burst_of_concurrent_requests_for_different_users_equals_each_sent_alone(tiny_run, server):
     _, run_dir = tiny_run
     bodies = []
@@ -215,7 +221,6 @@ def test_a_burst_of_concurrent_requests_for_different_users_equals_each_sent_alo
     with ThreadPoolExecutor(len(bodies)) as pool:
         together = list(pool.map(lambda pb: http(server, *pb).json(), bodies))
     after = http(server, "/health").json()
-    text = lambda reply: reply["choices"][0].get("text", reply["choices"][0].get("message", {}).get("content"))  # noqa: E731
     assert [text(r) for r in together] == [text(r) for r in alone]
     assert text(together[-1]) != text(together[0])  # the sampled request did sample
     rows, batches = after["rows"] - before["rows"], after["batches"] - before["batches"]
@@ -284,10 +289,9 @@ def _bad_inputs(user: str) -> list[tuple[str, object, int, str, str | None]]:
         ("max_tokens as a string", {**ok, "max_tokens": "ten"}, 400, "valid integer", "max_tokens"),
         ("max_tokens 0", {**ok, "max_tokens": 0}, 400, "greater than or equal to 1", "max_tokens"),
         ("max_tokens over the limit", {**ok, "max_tokens": 1000}, 400, "over this server's limit", "max_tokens"),
-        ("temperature NaN", '{"model": "%s", "user": "%s", "prompt": "x", "temperature": NaN}' % (MODEL, user),
-         400, "finite number", "temperature"),
-        ("a NaN multiplier", '{"model": "%s", "user": "%s", "prompt": "x", "fints": {"multipliers": [NaN]}}'
-         % (MODEL, user), 400, "must be a finite number", "fints.multipliers"),
+        ("temperature NaN", json.dumps({**ok, "temperature": float("nan")}), 400, "finite number", "temperature"),
+        ("a NaN multiplier", json.dumps({**ok, "fints": {"multipliers": [float("nan")]}}), 400,
+         "must be a finite number", "fints.multipliers"),
         ("top_pairs 0", {**ok, "fints": {"top_pairs": 0}}, 400, "must be at least 1", "fints.top_pairs"),
         ("an unknown algorithm", {**ok, "fints": {"algo": "fintz"}}, 400, "Did you mean 'fints'", "fints.algo"),
         ("a layer the model lacks", {**ok, "fints": {"layers": [7]}}, 400, "layer", "fints"),
@@ -301,6 +305,8 @@ def _bad_inputs(user: str) -> list[tuple[str, object, int, str, str | None]]:
         ("no messages", {**chat_ok, "messages": []}, 400, "at least 1 item", "messages"),
         ("a role that does not exist", {**chat_ok, "messages": [{"role": "robot", "content": "x"}]}, 400,
          "'system', 'user' or 'assistant'", "messages.0.role"),
+        ("an infinite alpha", json.dumps({**ok, "fints": {"alpha": float("inf")}}), 400, "must be a finite number",
+         "fints.alpha"),
         ("five stop strings", {**ok, "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4", "stop"),
         ("a prompt over the token limit", {**chat_ok, "messages": [{"role": "user", "content": "word " * 900}]},
          400, "tokens; this server takes at most 400", "messages"),
