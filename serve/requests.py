@@ -29,6 +29,9 @@ OVERRIDES: dict[str, str] = {
     "positions": "positions", "vec_strategy": "vec_strategy", "top_pairs": "top_pairs",
     "pair_weighting": "pair_weighting", "softmax_temperature": "softmax_temperature", "retriever": "retriever",
 }
+# The per-call settings of a loaded fints aggregator (its attribute -> the GenerateConfig
+# field): a request may change them without reloading the user's pairs.
+AGGREGATOR_KNOBS = {"top_k": "top_pairs", "weighting": "pair_weighting", "temperature": "softmax_temperature"}
 # Besides the overrides: the prompt mode, and task mode's extra sample fields (PersonalWAB's
 # request type, target product, ...: the task's record fields).
 FINTS_KEYS = (*OVERRIDES, "mode", "fields")

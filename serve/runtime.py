@@ -26,7 +26,7 @@ from data_process.config import stage_dir
 from data_process.schema import is_safe_name
 from serve.engine import Row, generate_rows
 from serve.history import Histories
-from serve.requests import TUNED_FROM, ApiError, tuned_settings
+from serve.requests import AGGREGATOR_KNOBS, TUNED_FROM, ApiError, tuned_settings
 from serve.settings import ServeConfig
 from stages.common import require, task_of
 from stages.generate import GenerateConfig
@@ -156,8 +156,10 @@ class Runtime:
         algo = self._algorithms[key]
         algo.settings = settings
         if isinstance(algo, Fints):  # what the aggregator reads per call (its user cache is kept)
-            agg = algo.aggregator
-            agg.top_k, agg.weighting, agg.temperature = settings.top_k, settings.weighting, settings.temperature
+            for attribute, name in AGGREGATOR_KNOBS.items():
+                if not hasattr(algo.aggregator, attribute):  # a renamed attribute must not be set unseen
+                    raise AttributeError(f"PairAggregator has no {attribute!r}: update serve.requests.AGGREGATOR_KNOBS")
+                setattr(algo.aggregator, attribute, getattr(cfg, name))
         return algo
 
     def prepare(self, req: Request) -> Prepared:
