@@ -146,7 +146,7 @@ class Runtime:
             try:
                 algo = build_algorithm(cfg.algo, settings)
             except (ValueError, FileNotFoundError) as err:
-                raise ApiError(400, f"fints: {err}", "fints", "invalid_value") from None
+                raise ApiError(400, f"fints: {self._private(str(err))}", "fints", "invalid_value") from None
             if isinstance(algo, Fints):
                 algo.aggregator.cache_bytes = int(self.cfg.cache_mb * 2**20)
             self._algorithms[key] = algo
@@ -161,6 +161,13 @@ class Runtime:
                     raise AttributeError(f"PairAggregator has no {attribute!r}: update serve.requests.AGGREGATOR_KNOBS")
                 setattr(algo.aggregator, attribute, getattr(cfg, name))
         return algo
+
+    def _private(self, message: str) -> str:
+        """``message`` with the run directory's place on this machine left out (clients
+        need not learn the server's file layout)."""
+        for path in sorted({str(Path(self.cfg.run_dir).resolve()), str(self.cfg.run_dir)}, key=len, reverse=True):
+            message = message.replace(path, "{run_dir}")
+        return message
 
     def prepare(self, req: Request) -> Prepared:
         """The batch row of one request (on the batching thread: algorithms are not shared

@@ -332,6 +332,7 @@ def test_every_bad_input_gets_an_openai_error_naming_the_field(tiny_run, server)
         error = reply.json()["error"]
         assert (reply.status_code, words in error["message"], error["param"]) == (status, True, param), \
             (name, reply.status_code, error)
+        assert str(run_dir.parent) not in error["message"]  # the server's file layout stays private
     assert http(server, "/health").json()["status"] == "ok"
 
 
