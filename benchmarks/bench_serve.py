@@ -40,20 +40,33 @@ from data_process.artifacts import read_jsonl
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _requests(run_dir: Path, split: str, algos: list[str], n: int, model: str) -> list[dict]:
-    """``n`` completion bodies: samples round-robin over users (neighbours differ), algorithms in turn."""
+def _requests(run_dir: Path, split: str, algos: list[str], n: int, model: str, mode: str,
+              max_tokens: int | None) -> list[dict]:
+    """``n`` request bodies: samples round-robin over users (neighbours differ), algorithms in
+    turn; chat mode asks the first 40 words of the sample's input as a chat message."""
     by_user: dict[str, list[dict]] = {}
     for s in read_jsonl(run_dir / "ranked" / f"{split}.jsonl"):
         by_user.setdefault(s["user_id"], []).append(s)
     order = [s for turn in range(max(map(len, by_user.values()))) for _, ss in sorted(by_user.items())
              if turn < len(ss) for s in [ss[turn]]]
-    return [{"model": model, "user": s["user_id"], "prompt": s["input"], "fints": {"algo": algos[i % len(algos)]}}
-            for i, s in enumerate(order[i % len(order)] for i in range(n))]
+    bodies = []
+    for i in range(n):
+        s = order[i % len(order)]
+        body = {"model": model, "user": s["user_id"], "fints": {"algo": algos[i % len(algos)], "mode": mode}}
+        if mode == "chat":
+            body["messages"] = [{"role": "user", "content": " ".join(s["input"].split()[:40])}]
+        else:
+            body["prompt"] = s["input"]
+        if max_tokens:
+            body["max_tokens"] = max_tokens
+        bodies.append(body)
+    return bodies
 
 
-def _rss_mb(pid: int) -> float:
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of ``pid`` (``VmHWM``: its peak so far) in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -91,25 +104,33 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo.json")
     parser.add_argument("--run-dir", default="runs/demo")
     parser.add_argument("--split", default="seen_test", help="ranked split whose samples are asked")
-    parser.add_argument("--algos", default="fints,steer,rag", help="algorithms, in turn")
+    parser.add_argument("--algos", default="fints,steer,rag", help="algorithms, in turn (chat mode: no rag)")
+    parser.add_argument("--mode", default="task", choices=["task", "chat"],
+                        help="task: the task input, 05's prompt; chat: a 40-word chat message (short prompts)")
+    parser.add_argument("--max-tokens", type=int, default=0, help="answer length (0: the server's default)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=500, help="requests of the concurrent phase")
     parser.add_argument("--alone", type=int, default=32, help="requests sent one at a time first")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--batch-window-ms", type=float, default=15)
+    parser.add_argument("--batch-window-ms", type=float, default=50)
     args = parser.parse_args()
 
     proc, url = _start(args)
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        bodies = _requests(Path(args.run_dir), args.split, args.algos.split(","), args.requests, model)
+        bodies = _requests(Path(args.run_dir), args.split, args.algos.split(","), args.requests, model, args.mode,
+                           args.max_tokens)
+        path = "/v1/chat/completions" if args.mode == "chat" else "/v1/completions"
         client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=args.clients + 4))
 
         def ask(body: dict) -> tuple[float, int, str]:
             start = time.perf_counter()
-            reply = client.post(url + "/v1/completions", json=body)
-            text = reply.json()["choices"][0]["text"] if reply.status_code == 200 else reply.text
+            reply = client.post(url + path, json=body)
+            if reply.status_code != 200:
+                return time.perf_counter() - start, reply.status_code, reply.text
+            choice = reply.json()["choices"][0]
+            text = choice["text"] if "text" in choice else choice["message"]["content"]
             return time.perf_counter() - start, reply.status_code, text
 
         ask(bodies[0])  # warm-up: the first request of each algorithm loads its vectors
@@ -140,6 +161,7 @@ def main() -> None:
                 pool.submit(client_loop)
         load_s = time.perf_counter() - start
         rss.append((len(bodies), _rss_mb(proc.pid)))
+        rss.append(("peak", _rss_mb(proc.pid, "VmHWM")))
         health = httpx.get(url + "/health").json()
     finally:
         proc.terminate()
@@ -149,7 +171,8 @@ def main() -> None:
     errors = sum(r[1] != 200 for r in results) + sum(r[1] != 200 for r in alone)
     same = sum(results[i][2] == alone[i][2] for i in range(len(alone)))
     figures = {
-        "clients": args.clients, "requests": len(bodies), "alone": len(alone), "server_threads": args.threads,
+        "mode": args.mode, "clients": args.clients, "requests": len(bodies), "alone": len(alone),
+        "server_threads": args.threads,
         "throughput_alone_rps": len(alone) / alone_s, "throughput_loaded_rps": len(bodies) / load_s,
         "throughput_ratio": (len(bodies) / load_s) / (len(alone) / alone_s),
         "latency_alone_p50_s": _pct(lone, 50), "latency_alone_p95_s": _pct(lone, 95),

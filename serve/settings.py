@@ -29,7 +29,7 @@ class ServeConfig(GenerateConfig):
                                                             "'Authorization: Bearer KEY' ('': no key)"})
     served_name: str = field(default="", metadata={"help": "model id of /v1/models and responses "
                                                            "(default: the model directory's name)"})
-    batch_window_ms: float = field(default=15.0, metadata={"min": 0, "max": 10000, "help": "how long the first "
+    batch_window_ms: float = field(default=50.0, metadata={"min": 0, "max": 10000, "help": "how long the first "
                                                            "queued request waits for others to share its batch"})
     max_batch_size: int = field(default=16, metadata={"min": 1, "help": "rows per steered generation batch"})
     max_queue: int = field(default=64, metadata={"min": 1, "help": "requests waiting for a batch; more get 503"})
