@@ -39,9 +39,9 @@ T = TypeVar("T")
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
-# Names of the sections a task config may hold: shared ones, then one per stage.
+# Names of the sections a task config may hold: shared ones, then one per stage (and the server).
 STAGE_SECTIONS = ("prompt", "decoding", "select_users", "rank_history", "collect_pairs", "extract_vectors",
-                  "generate", "evaluate", "sweep", "train_sasrec", "train_lora", "tune", "report")
+                  "generate", "evaluate", "sweep", "train_sasrec", "train_lora", "tune", "report", "serve")
 
 
 @dataclass

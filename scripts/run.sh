@@ -12,6 +12,8 @@
 # Prints the results table, intervals against rag and the seconds each stage took, and
 # writes {run_dir}/report.md (scripts/report.py: results with user-level bootstrap
 # intervals vs rag, data, provenance).
+# Then serve the finished run to applications (OpenAI-compatible, per-user steering):
+#   python -m scripts.serve --config configs/<task>.json   (docs/serving.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: bash scripts/run.sh configs/<task>.json}

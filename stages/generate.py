@@ -78,7 +78,8 @@ def gen_dir(cfg: GenerateConfig) -> Path:
     return stage_dir(cfg.run_dir, "generations") / cfg.split / f"{cfg.algo}{cfg.tag}"
 
 
-def _settings(cfg: GenerateConfig, task, model, tok) -> AlgoSettings:
+def algo_settings(cfg: GenerateConfig, task, model, tok) -> AlgoSettings:
+    """The algorithm settings of a 05 config (with the task's defaults filled in) on a loaded model."""
     spec = None
     if ALGORITHMS[cfg.algo].steers:
         check_layers(find_layers(model), cfg.layers)
@@ -132,7 +133,7 @@ class GenerateJob:
         task = task_of(cfg)
         if self.model is None:
             self.model, self.tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
-        self.algo = build_algorithm(cfg.algo, _settings(cfg, task, self.model, self.tok))
+        self.algo = build_algorithm(cfg.algo, algo_settings(cfg, task, self.model, self.tok))
         self.gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
                                temperature=cfg.sampling_temperature, top_p=cfg.top_p, seed=cfg.seed,
                                positions=cfg.positions, **decoding_kwargs(task, self.model, self.tok, cfg.constrained))

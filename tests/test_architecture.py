@@ -1,7 +1,7 @@
 """The house rules that keep the code easy to change, checked on the source itself.
 
 Layers, bottom to top: data_process -> eval -> tasks -> steering -> collect -> train ->
-stages -> scripts.  A module imports only from its own layer or below (lazy imports inside
+stages -> serve -> scripts.  A module imports only from its own layer or below (lazy imports inside
 functions included), nothing imports from scripts, and there are no import circles.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-LAYERS = ["data_process", "eval", "tasks", "steering", "collect", "train", "stages", "scripts"]
+LAYERS = ["data_process", "eval", "tasks", "steering", "collect", "train", "stages", "serve", "scripts"]
 
 
 def _modules() -> dict[str, Path]:
