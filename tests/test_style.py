@@ -91,6 +91,7 @@ def test_the_benchmark_loads_as_lamp4_with_articles_unchanged(bench):
     ("signature", "(signed, K.)", "a boot loader (signed, K.)", "a boot loader (signed, K.) again"),
     ("punct", "?!", "a boot loader?!", "a boot loader!?"),
     ("cap", "2", "boot loader", "a boot loader"),
+    ("cap", "3", "arming/disarming/configuring tool", "whatiswhatiswhatiswhatiswhatiswhat"),
 ])
 def test_a_rule_accepts_text_that_follows_it_and_rejects_text_that_does_not(family, variant, good, bad):
     rule = StyleRule(family, variant)
