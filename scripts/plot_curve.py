@@ -85,7 +85,7 @@ def main() -> None:
     tune = read_json(args.run_dir / "tune" / "tune.json")
     baselines = _baselines(args.run_dir, tune["val_split"], args.baselines)
     out = plot_curves(tune["points"], args.metrics, baselines, args.out or args.run_dir / "tune" / "curve.png",
-                      title=f"{tune['val_split']}, {tune['points'] and len(next(iter(tune['points'].values())))} points")
+                      title=tune["val_split"])
     print(curve_table(tune["points"], args.metrics, baselines))
     print(f"plot -> {out}")
 

@@ -53,7 +53,8 @@ def test_the_same_seed_writes_the_same_bytes_and_another_seed_other_rules(bench,
     gen.write(tmp_path / "again", gen.SOURCE, seed=0)
     gen.write(tmp_path / "other", gen.SOURCE, seed=1)
     names = sorted(p.name for p in bench.iterdir())
-    assert names == ["dev_outputs.json", "dev_questions.json", "rules.json", "train_outputs.json", "train_questions.json"]
+    assert names == ["dev_outputs.json", "dev_questions.json", "rules.json", "train_outputs.json",
+                     "train_questions.json"]
     for name in names:
         assert (bench / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
     assert load_rules(bench) != load_rules(tmp_path / "other")
@@ -125,7 +126,8 @@ def test_gold_answers_score_full_adherence_and_unstyled_headlines_almost_none(be
 def test_the_report_shows_adherence_with_user_level_intervals(bench):
     task = get_task("lamp4_style")
     gold = task.evaluate(_gold_records(bench), data_dir=str(bench), run_dir=bench)
-    none = task.evaluate(_gold_records(bench, output=lambda user, gold: "Some Plain Headline Here"), data_dir=str(bench), run_dir=bench)
+    plain = _gold_records(bench, output=lambda user, gold: "Some Plain Headline Here")  # breaks every rule
+    none = task.evaluate(plain, data_dir=str(bench), run_dir=bench)
     lines = results_section({"rag": none, "steer": gold}, {}, list(task.metrics), n_boot=200)
     steer = next(line for line in lines if line.startswith("| steer") and "[" in line)
     assert "Δadherence" in "\n".join(lines) and "+1.000 [+1.000, +1.000] *" in steer
@@ -181,7 +183,8 @@ def _style_pairs() -> list[dict]:
     for user, (family, variant, group) in STYLE_USERS.items():
         rule = StyleRule(family, variant)
         for i, headline in enumerate(HEADLINES[group]):
-            prompt = f"Generate a headline for the following article: {headline.lower()} explained.\nWrite only the headline."
+            prompt = (f"Generate a headline for the following article: {headline.lower()} explained.\n"
+                      "Write only the headline.")
             pairs.append({"pair_id": f"{user}-{i}", "user_id": user, "sample_id": f"{user}-{i}", "prompt": prompt,
                           "query": headline, "chosen": rule.apply(headline), "rejected": headline})
     return pairs
