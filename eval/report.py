@@ -21,7 +21,7 @@ from eval.bootstrap import bootstrap_diff, shared_samples
 from eval.metrics import meteor_available, text_scores
 
 TEXT_METRICS = ("rouge1", "rougeL", "meteor")
-METRIC_NAMES = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "meteor": "METEOR"}
+METRIC_NAMES = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "meteor": "METEOR", "style_adherence": "adherence"}
 
 
 def _mean(values: Sequence[float]) -> float:

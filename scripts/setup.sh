@@ -50,6 +50,13 @@ else
   .venv/bin/python tests/fixtures/pwab_synth/make_fixture.py --out data/pwab_synth
 fi
 
+# The style benchmark of configs/style.json (the positive control; seeded, the same bytes every time).
+if [ -f data/style/rules.json ]; then
+  echo "[setup] data/style ready"
+else
+  .venv/bin/python tests/fixtures/style/make_fixture.py --out data/style
+fi
+
 # WordNet for METEOR: Debian's packages, copied where NLTK looks (nltk_data/ here).
 wn=nltk_data/corpora/wordnet
 if [ -f "$wn/lexnames" ]; then

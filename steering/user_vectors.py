@@ -11,6 +11,10 @@ activations ``pos`` / ``neg`` (all ``[n, hidden]`` fp32) -- to one ``[hidden]`` 
   same size of push as for ``mean``.
 * ``logistic``: the weight direction of an L2-regularised logistic regression separating
   positive from negative activations (label 1 = positive), scaled to the mean's norm.
+* ``centered``: the user's mean difference minus the average of every user's mean
+  difference (each user once): what sets this user apart.  The part all users' pairs
+  share (e.g. the format of the golds against the model's own answers) is removed, so it
+  is the only strategy that looks at other users' pairs.
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ def logistic_vector(diff: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, l2
 
 
 USER_STRATEGIES: dict[str, Callable[..., torch.Tensor]] = {
-    "mean": mean_vector, "pca": pca_vector, "logistic": logistic_vector}
+    "mean": mean_vector, "pca": pca_vector, "logistic": logistic_vector, "centered": mean_vector}
+CENTERED = "centered"  # computed per user as the mean, then centred over users (see the module docstring)
 
 
 def user_vectors(index: list[dict], acts: dict[str, dict[str, torch.Tensor]], strategies: list[str]
@@ -91,4 +96,8 @@ def user_vectors(index: list[dict], acts: dict[str, dict[str, torch.Tensor]], st
             parts = [acts[kind][key][sel].float() for kind in ("diff", "pos", "neg")]
             for name, fn in fns.items():
                 out[name][key][user] = fn(*parts)
+    for by_user in out.get(CENTERED, {}).values():
+        center = torch.stack(list(by_user.values())).mean(0)
+        for user in by_user:
+            by_user[user] = by_user[user] - center
     return out

@@ -83,7 +83,8 @@ def test_log_level_is_a_choice_and_configures_the_project_loggers(capsys):
 def test_help_lists_the_choices_of_choice_flags():
     helptext = subprocess.run([sys.executable, "-m", "scripts.05_generate", "--help"], cwd=ROOT, capture_output=True,
                               text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120).stdout
-    assert "{zeroshot,rag,steer,fints,oppu,oppu+fints}" in helptext and "{lamp4,lamp5,longlamp,pwab}" in helptext
+    assert "{zeroshot,rag,steer,fints,oppu,oppu+fints}" in helptext
+    assert "{lamp4,lamp4_style,lamp5,longlamp,pwab}" in helptext
     assert "{softmax,mean}" in helptext and "{attn,mlp,block}" in helptext
 
 

@@ -49,7 +49,7 @@ def assert_no_leakage(bench: Benchmark) -> None:
 # --- formats -----------------------------------------------------------------------------
 
 def test_registry_names_every_benchmark_and_suggests_close_names():
-    assert set(task_names()) == {"lamp4", "lamp5", "longlamp", "pwab"}
+    assert set(task_names()) == {"lamp4", "lamp4_style", "lamp5", "longlamp", "pwab"}
     with pytest.raises(ValueError, match="Did you mean 'lamp4'"):
         get_task("lamp-4")
 

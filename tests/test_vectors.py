@@ -125,6 +125,17 @@ def test_user_vectors_use_only_each_users_own_pairs():
         user_vectors(index, acts, ["pcaa"])
 
 
+def test_centered_user_vectors_remove_what_every_users_pairs_share():
+    shared = torch.tensor([5.0, 5.0, 0.0])
+    diff = torch.stack([shared + torch.tensor([0.0, 0.0, 1.0])] * 2 + [shared - torch.tensor([0.0, 0.0, 1.0])] * 2)
+    acts = {"diff": {"mlp.0": diff}, "pos": {"mlp.0": diff}, "neg": {"mlp.0": torch.zeros(4, 3)}}
+    index = [{"user_id": u} for u in ("a", "a", "b", "b")]
+    out = user_vectors(index, acts, ["mean", "centered"])
+    torch.testing.assert_close(out["centered"]["mlp.0"]["a"], torch.tensor([0.0, 0.0, 1.0]))
+    torch.testing.assert_close(out["centered"]["mlp.0"]["b"], torch.tensor([0.0, 0.0, -1.0]))
+    torch.testing.assert_close(out["mean"]["mlp.0"]["a"], shared + torch.tensor([0.0, 0.0, 1.0]))
+
+
 def test_a_loaded_store_reads_only_the_rows_asked_for(tiny_llama, tmp_path, monkeypatch):
     model, _ = tiny_llama
     tensors, _ = _save(tmp_path, model)
