@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_process.artifacts import read_json
+from data_process.artifact_io import read_json
 
 RULES_FILE = "rules.json"
 _END_PUNCT = ".!?;:, "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from data_process.artifacts import read_json
+from data_process.artifact_io import read_json
 from eval.report import METRIC_NAMES
 
 

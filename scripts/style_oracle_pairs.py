@@ -18,7 +18,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from data_process.artifacts import read_jsonl, write_jsonl
+from data_process.artifact_io import read_jsonl, write_jsonl
 from eval.style import load_rules
 
 

@@ -238,7 +238,7 @@ def _answer_logprob(model, tok, pair: dict, side: str, vector: torch.Tensor | No
 
 def test_a_users_own_vector_raises_the_likelihood_of_its_rule_more_than_another_rules_vector(
         style_vectors, tied_llama_dir):
-    from steering.model import load_model
+    from steering.loading import load_model
 
     model, tok = load_model(tied_llama_dir, device="cpu", dtype="float32")
     pairs = _style_pairs()
