@@ -121,3 +121,15 @@ def test_user_bootstrap_of_a_per_type_metric_pairs_the_samples_of_that_type():
 def test_the_grid_reuses_the_configs_layers_and_sites_in_their_order_when_they_cover_it():
     assert covering(["attn", "mlp", "block"], {"attn", "mlp"}) == ["attn", "mlp", "block"]
     assert covering([15], {10, 15}) == [10, 15]
+
+
+def test_the_multiplier_curve_puts_rag_at_zero_and_one_row_per_validation_point(tmp_path):
+    from eval.curves import curve_table, plot_curves
+
+    points = {"steer": [{"sites": "attn+mlp", "layer": 15, "multiplier": m, "val": {"rougeL": r}}
+                        for m, r in ((2.0, 0.1), (1.0, 0.3))]}
+    table = curve_table(points, ["rougeL"], {"rag": {"rougeL": 0.2}}).splitlines()
+    assert table[2] == "| rag | - | - | 0 | 0.200 |"
+    assert table[3:] == ["| steer | attn+mlp | 15 | 1 | 0.300 |", "| steer | attn+mlp | 15 | 2 | 0.100 |"]
+    path = plot_curves(points, ["rougeL"], {"rag": {"rougeL": 0.2}}, tmp_path / "curve.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
