@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.report import METRIC_NAMES
+from eval.report import METRIC_NAMES, save_figure
 
 
 def curve_table(points: dict[str, list[dict]], metrics: list[str], baselines: dict[str, dict[str, float]]) -> str:
@@ -48,8 +48,4 @@ def plot_curves(points: dict[str, list[dict]], metrics: list[str], baselines: di
             ax.set_ylabel(METRIC_NAMES.get(metric, metric))
             ax.set_title(f"{algo}{': ' + title if title else ''}", fontsize=9)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -146,10 +146,11 @@ def plot_sweep(points: list[dict[str, float]], path: str | Path, metric: str = "
     ax.set_ylabel(METRIC_NAMES.get(metric, metric))
     ax.set_title(f"fints: {METRIC_NAMES.get(metric, metric)} vs multiplier")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (PNG, folders made) and close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -177,4 +178,4 @@ def plot_runs(rows: dict[str, dict[str, float]], path: str | Path,
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(metrics))])
     ax.set_xticklabels([METRIC_NAMES.get(m, m) for m in metrics])
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)

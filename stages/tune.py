@@ -25,7 +25,7 @@ from typing import Any
 
 from data_process.artifact_io import write_json
 from data_process.config import parse_config, stage_dir
-from eval.report import METRIC_NAMES
+from eval.report import METRIC_NAMES, save_figure
 from stages.common import task_of, with_task_defaults
 from stages.evaluate import evaluate_run
 from stages.extract_vectors import ExtractConfig
@@ -185,8 +185,4 @@ def plot_tune(grid: dict[str, list[dict]], test: dict[str, dict], chosen: dict[s
         ax.set_ylabel(METRIC_NAMES.get(metric, metric))
         ax.set_title(algo)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
