@@ -1,8 +1,11 @@
 """Stage 03 for text tasks: contrast pairs (gold output vs. the model's output without the user).
 
 For every training sample, ``tries`` tries prompt the model with ``history_k`` history
-items of OTHER users (``rag="others"``, seeded per sample) or with the user's own ranked
-history (``rag="history"``); a try whose answer has ROUGE-L F1 below the task threshold
+items of OTHER users (``rag="others"``) or with the user's own ranked history
+(``rag="history"``).  The other users' items are drawn per sample (``others_pool="sample"``,
+the seed's way) or once per chunk and try (``"chunk"``, :func:`chunk_histories`): then every
+prompt of a chunk's try begins with the same tokens up to the question, and generation
+computes that prefix once (``share_prefix``).  A try whose answer has ROUGE-L F1 below the task threshold
 against the gold becomes a pair's ``rejected`` side, the gold its ``chosen`` side.  A
 pair's ``prompt`` is the question without any history; its ``query`` is the task's query
 text of the sample (what stage 05 retrieves pairs by).  The chunk loop, done-markers,
@@ -25,6 +28,7 @@ from steering.generation import generate
 from tasks import Task
 
 RAG_MODES = ("others", "history")
+OTHERS_POOLS = ("sample", "chunk")
 
 
 def other_users_pools(samples: list[dict], other_samples: list[dict]) -> dict[str, list[dict]]:
@@ -55,12 +59,39 @@ def try_histories(sample: dict, pool: list[dict], *, k: int, tries: int, rag: st
     return [own[:k]] + [rng.sample(own, min(k, len(own))) for _ in range(tries - 1)]
 
 
+def chunk_histories(samples: list[dict], pools: dict[str, list[dict]], *, tries: int, seed: int,
+                    draw: Callable[[random.Random, list[dict]], list[dict]], need: int = 1
+                    ) -> dict[str, list[list[dict]]]:
+    """Sample id -> the history of each try, drawn once per chunk and try by ``draw(rng, pool)``.
+
+    The draw is seeded by the chunk's first sample id and the try (a chunk is the stage's
+    unit of work, the same at any batch size, worker count and resume point) and comes from
+    the items every user of the chunk may see (no chunk user's own items), so all of a
+    try's prompts share it.  Where that pool has fewer than ``need`` items, each user draws
+    from its own pool instead (seeded by chunk, user and try).
+    """
+    users = list(dict.fromkeys(s["user_id"] for s in samples))
+    allowed = set.intersection(*({item["id"] for item in pools.get(u, [])} for u in users))
+    common = [item for item in pools.get(users[0], []) if item["id"] in allowed]
+    key = f"{seed}:chunk:{samples[0]['id']}"
+    histories: dict[str, list[list[dict]]] = {s["id"]: [] for s in samples}
+    for t in range(tries):
+        if len(common) >= need:
+            drawn = dict.fromkeys(users, draw(random.Random(f"{key}:{t}"), common))
+        else:
+            drawn = {u: draw(random.Random(f"{key}:{u}:{t}"), pools.get(u, [])) for u in users}
+        for s in samples:
+            histories[s["id"]].append(drawn[s["user_id"]])
+    return histories
+
+
 def generator_for(cfg: Any, task: Task, model, tok, desc: str) -> Callable[[list[str]], list[str]]:
     """Messages -> answers with the stage-03 decoding settings of ``cfg`` and ``task``'s
     response prefix (and call constraint with ``cfg.constrained``), as stage 05 decodes."""
     return functools.partial(generate, model, tok, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                              do_sample=cfg.do_sample, temperature=cfg.sampling_temperature, top_p=cfg.top_p,
-                             seed=cfg.seed, desc=desc, **decoding_kwargs(task, model, tok, cfg.constrained))
+                             seed=cfg.seed, share_prefix=cfg.share_prefix, desc=desc,
+                             **decoding_kwargs(task, model, tok, cfg.constrained))
 
 
 class TextCollector:
@@ -75,6 +106,9 @@ class TextCollector:
         if cfg.threshold is None:
             raise ValueError(f"task {task.name!r} has no default ROUGE-L threshold; pass --threshold")
         choose("rag mode", cfg.rag, dict.fromkeys(RAG_MODES))
+        choose("others pool", cfg.others_pool, dict.fromkeys(OTHERS_POOLS))
+        if cfg.others_pool == "chunk" and cfg.rag != "others":
+            raise ValueError("--others-pool chunk draws other users' items: it needs --rag others")
         self.cfg, self.task, self.other_samples, self.tok = cfg, task, other_samples, tok
         self.generate = generate or generator_for(cfg, task, model, tok, "generate negatives")
 
@@ -82,9 +116,15 @@ class TextCollector:
         """The pairs and done-markers of ``samples``: all their tries go to the generator at once."""
         cfg, task, tok = self.cfg, self.task, self.tok
         pools = other_users_pools(samples, self.other_samples) if cfg.rag == "others" else {}
+        if cfg.others_pool == "chunk":
+            k = cfg.history_k
+            histories = chunk_histories(samples, pools, tries=cfg.tries, seed=cfg.seed, need=k,
+                                        draw=lambda rng, pool: rng.sample(pool, min(k, len(pool))))
+        else:
+            histories = {s["id"]: try_histories(s, pools.get(s["user_id"], []), k=cfg.history_k, tries=cfg.tries,
+                                                rag=cfg.rag, seed=cfg.seed) for s in samples}
         messages = [task.prompt(sample, history, tok, cfg.max_prompt_tokens) for sample in samples
-                    for history in try_histories(sample, pools.get(sample["user_id"], []), k=cfg.history_k,
-                                                 tries=cfg.tries, rag=cfg.rag, seed=cfg.seed)]
+                    for history in histories[sample["id"]]]
         answers = self.generate(messages)
         if len(answers) != len(messages):
             raise RuntimeError(f"generator returned {len(answers)} answers for {len(messages)} prompts")

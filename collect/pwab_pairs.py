@@ -9,7 +9,8 @@ For each training sample (``03_collect_pairs`` with task ``pwab``):
    recommended list (``recommend_in_list``; else the search threshold applies too).
    A sample without a positive gives no pair.
 2. **Negatives.**  ``tries`` tries with the histories (top ``history_k``) of random
-   other users (seeded per sample); a try is kept when it names the wrong function or
+   other users (seeded per sample, or drawn once per chunk and try with
+   ``others_pool="chunk"``: :func:`collect.pairs.chunk_histories`); a try is kept when it names the wrong function or
    its score is under the type's threshold (review: similarity under
    ``review_threshold``).  Unparseable tries are dropped (``dropped_empty``; their
    reasons are counted per sample and in ``summary.parse_failures``), so chosen
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from collect.loop import judge_tries, summarize
-from collect.pairs import generator_for, other_users_pools
+from collect.pairs import chunk_histories, generator_for, other_users_pools
 from eval.metrics import rouge_l
 from eval.pwab_env import PwabEnv, default_cache_dir
 from eval.pwab_eval import score_calls, target_review
@@ -75,11 +76,24 @@ def _positives(cfg, task, chunk, generate, env, encoder, tok, failures) -> dict[
     return out
 
 
-def _other_histories(sample: dict, pool: list[dict], k: int, tries: int, seed: int) -> list[list[dict]]:
-    """History of each negative try: the top-k history of a random other user's sample."""
-    rng = random.Random(f"{seed}:pwab:{sample['id']}")  # str seeds are stable across runs
+def _donor_history(rng: random.Random, pool: list[dict], k: int) -> list[dict]:
+    """The top-k history of a random other user's sample (none when no sample has one)."""
     donors = [s for s in pool if s.get("history")]
-    return [rng.choice(donors)["history"][:k] if donors else [] for _ in range(tries)]
+    return rng.choice(donors)["history"][:k] if donors else []
+
+
+def _other_histories(cfg, samples: list[dict], pools: dict[str, list[dict]]) -> dict[str, list[list[dict]]]:
+    """Sample id -> history of each negative try: a donor drawn per sample (seeded by its id)
+    or, with ``others_pool="chunk"``, once per chunk and try (shared prompt prefixes)."""
+    k = cfg.history_k
+    if cfg.others_pool == "chunk":
+        return chunk_histories(samples, pools, tries=cfg.tries, seed=cfg.seed,
+                               draw=lambda rng, pool: _donor_history(rng, pool, k))
+    out = {}
+    for s in samples:
+        rng = random.Random(f"{cfg.seed}:pwab:{s['id']}")  # str seeds are stable across runs
+        out[s["id"]] = [_donor_history(rng, pools.get(s["user_id"], []), k) for _ in range(cfg.tries)]
+    return out
 
 
 class PwabCollector:
@@ -107,9 +121,8 @@ class PwabCollector:
         cfg, task, tok = self.cfg, self.task, self.tok
         failures: dict[str, Counter] = {}
         positives = _positives(cfg, task, samples, self.generate, self.env, self.encoder, tok, failures)
-        pools = other_users_pools(samples, self.other_samples)
-        tries = [(s, h) for s in samples if s["id"] in positives for h in _other_histories(
-            s, pools.get(s["user_id"], []), cfg.history_k, cfg.tries, cfg.seed)]
+        histories = _other_histories(cfg, samples, other_users_pools(samples, self.other_samples))
+        tries = [(s, h) for s in samples if s["id"] in positives for h in histories[s["id"]]]
         texts = self.generate([task.prompt(s, h, tok, cfg.max_prompt_tokens) for s, h in tries]) if tries else []
         by_sample: dict[str, list] = {}
         verdicts = _judged(cfg, [s for s, _ in tries], texts, self.env, self.encoder, failures)

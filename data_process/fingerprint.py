@@ -76,7 +76,9 @@ def model_identity(model_dir: str | Path) -> dict[str, str]:
 def fingerprint_settings(config: Any) -> dict[str, Any]:
     """The config fields that determine a stage's outputs (JSON-normalized)."""
     if dataclasses.is_dataclass(config):
-        skip = getattr(config, "NOT_IN_FINGERPRINT", frozenset())
+        # A config whose output-neutral fields depend on its other settings says so in a method.
+        skip = config.not_in_fingerprint() if hasattr(config, "not_in_fingerprint") else \
+            getattr(config, "NOT_IN_FINGERPRINT", frozenset())
         config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
     return json.loads(json.dumps(config, default=str, sort_keys=True))
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from collect import COLLECTORS
 from collect.loop import PairWriter
-from collect.pairs import RAG_MODES
+from collect.pairs import OTHERS_POOLS, RAG_MODES
 from data_process.artifact_io import write_json
 from data_process.config import choose, stage_dir
 from data_process.stage import Stage
@@ -36,9 +36,11 @@ class CollectPairsConfig(WorkersConfig, PromptSettings, DecodingSettings):
 
     STAGE = "03_collect_pairs"
     SECTIONS = ("prompt", "decoding", "collect_pairs")
-    # Rows of a batch are generated independently (left padding is masked), and chunks
-    # only set how often progress is saved.
-    NOT_IN_FINGERPRINT = WorkersConfig.NOT_IN_FINGERPRINT | {"batch_size", "samples_per_chunk", "collect_model"}
+    # Rows of a batch are generated independently (left padding is masked; a shared
+    # prefix's cache holds the keys and values the row would compute itself), and chunks
+    # only set how often progress is saved (except with --others-pool chunk, see below).
+    NOT_IN_FINGERPRINT = WorkersConfig.NOT_IN_FINGERPRINT | {"batch_size", "samples_per_chunk", "collect_model",
+                                                             "share_prefix"}
 
     collect_model: str = field(default="", metadata={
         "help": "model that writes the negatives (local dir); empty = --model"})
@@ -47,6 +49,12 @@ class CollectPairsConfig(WorkersConfig, PromptSettings, DecodingSettings):
     rag: str = field(default="others", metadata={
         "help": "history of a try: others (random samples of other users) | history (the user's own ranked history)",
         "choices": list(RAG_MODES)})
+    others_pool: str = field(default="sample", metadata={
+        "help": "with rag others: draw other users' items per sample | once per chunk and try (all prompts of a "
+                "chunk's try then share their prefix, computed once)", "choices": list(OTHERS_POOLS)})
+    share_prefix: bool = field(default=True, metadata={
+        "help": "compute a prompt prefix shared by several tries once and reuse its key/value cache "
+                "(same greedy answers; off = every prompt computed whole)"})
     threshold: float | None = field(default=None, metadata={
         "min": 0, "max": 1,
         "help": "keep a try when its ROUGE-L F1 vs the gold is below this (default: the task's)"})
@@ -66,6 +74,13 @@ class CollectPairsConfig(WorkersConfig, PromptSettings, DecodingSettings):
         "help": "PersonalWAB: a review whose similarity to the gold review is below this is a negative"})
     positive_k: int | None = field(default=None, metadata={
         "min": 0, "help": "PersonalWAB: history items in the prompt that collects positives"})
+
+
+    def not_in_fingerprint(self) -> frozenset[str]:
+        # With a pool per chunk, the chunks decide which items a try sees.
+        if self.others_pool == "chunk":
+            return self.NOT_IN_FINGERPRINT - {"samples_per_chunk"}
+        return self.NOT_IN_FINGERPRINT
 
 
 def _report(summary: dict) -> None:

@@ -8,16 +8,24 @@ greedily by default.  Per-row steering deltas travel with their rows through the
 they come); :func:`generate` returns every answer in input order.  An answer is the
 decoded text up to EOS with an echoed role marker removed (:func:`clean_output`); what a
 task makes of it is the task's ``postprocess``.
+
+With ``share_prefix`` (unsteered generation), prompts that begin with the same tokens --
+stage 03's tries of one chunk share everything up to the question -- are grouped
+(:func:`prefix_groups`); each group's common prefix is run through the model once and its
+key/value cache reused by every batch of the group, which then computes only its rows'
+suffixes (left padded after the prefix: ``[prefix, pad.., suffix]``, positions from the
+attention mask, so each row sees the positions it would see alone).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from collections.abc import Callable, Iterator
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from data_process.progress import tqdm
 from steering.hooks import POSITIONS, add_vectors
@@ -114,11 +122,59 @@ def generate(model, tok, messages: list[str], **kwargs) -> list[str]:
     return results
 
 
+# A group must share at least this many prompt tokens: a shorter prefix (a chat template's
+# header) saves less than the extra model call costs.
+MIN_SHARED_TOKENS = 32
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def prefix_groups(encoded: list[list[int]], min_shared: int = MIN_SHARED_TOKENS) -> list[tuple[int, list[int]]]:
+    """``(shared prefix length, row indices)`` groups of token id lists, in order of first row.
+
+    A row joins the first group whose prefix it shares for at least ``min_shared`` tokens
+    when that saves more than it costs: the ``n`` tokens it shares must outnumber those its
+    rows would compute again if the prefix shrank to ``n`` (so one odd row cannot cut a
+    long shared prefix short).  The prefix leaves every row at least one token of its own.  Rows that share nothing
+    with another row form the last group, with prefix length 0 (generated as usual).
+    The groups depend on the token ids alone.
+    """
+    groups: list[tuple[list[int], list[int]]] = []  # (prefix tokens, rows)
+    for i, ids in enumerate(encoded):
+        for g, (prefix, rows) in enumerate(groups):
+            n = min(_common_length(prefix, ids), len(ids) - 1)
+            if n >= min_shared and n > (len(prefix) - n) * len(rows):
+                groups[g] = (prefix[:n], rows + [i])
+                break
+        else:
+            groups.append((ids[:len(ids) - 1], [i]))
+    shared = [(len(prefix), rows) for prefix, rows in groups if len(rows) > 1]
+    alone = sorted(i for prefix, rows in groups if len(rows) == 1 for i in rows)
+    return shared + ([(0, alone)] if alone else [])
+
+
+def prefix_sharing_supported(model) -> bool:
+    """Whether a prefix's cache can be reused with padding between prefix and suffix: not
+    with sliding-window attention, whose window would count the padding as tokens."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all("sliding" not in str(t) for t in layer_types)
+    return not getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", True) is False
+
+
 @torch.no_grad()
 def generate_batches(model, tok, messages: list[str], *, max_new_tokens: int, batch_size: int = 16,
                      do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                      deltas: dict[str, torch.Tensor] | None = None, positions: str = "all",
                      response_prefix: str = "", constraint: Callable[[int, int], Callable] | None = None,
+                     share_prefix: bool = False, stats: dict[str, int] | None = None,
                      desc: str = "generate") -> Iterator[tuple[list[int], list[str]]]:
     """Yield ``(message indices, answers)`` batch by batch, longest prompts first.
 
@@ -131,6 +187,11 @@ def generate_batches(model, tok, messages: list[str], *, max_new_tokens: int, ba
     ``response_prefix`` opens every answer (:func:`steering.inputs.chat_prompt`) and is
     part of the returned text; ``constraint(prompt_width, max_new_tokens)`` makes a
     batch's logits processor (:meth:`steering.decoding.ToolCallConstraint.processor`).
+
+    ``share_prefix`` computes each group's shared prompt prefix once (see the module
+    text; ignored with ``deltas``, which change the prefix per row, and for models with
+    sliding-window attention).  ``stats`` (if given) gets ``prompt_tokens`` -- prompt
+    positions run through the model, padding and shared prefixes included -- added.
     """
     if positions not in POSITIONS:
         raise ValueError(f"unknown positions {positions!r}; choose one of {list(POSITIONS)}")
@@ -141,22 +202,53 @@ def generate_batches(model, tok, messages: list[str], *, max_new_tokens: int, ba
     _check_deltas(deltas, len(messages))
     device = next(model.parameters()).device
     encoded = [tok(chat_prompt(tok, m, response_prefix), add_special_tokens=False)["input_ids"] for m in messages]
-    # Ties by index: the batches are a function of the messages alone.
-    order = sorted(range(len(messages)), key=lambda i: (-len(encoded[i]), i))
+    if share_prefix and not deltas and prefix_sharing_supported(model):
+        groups = prefix_groups(encoded)
+    else:
+        groups = [(0, list(range(len(messages))))]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids(model, tok)[0]
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_ids(model, tok),
                   pad_token_id=pad_id, **_sampling_kwargs(do_sample, temperature, top_p))
-    starts = range(0, len(order), batch_size)
-    for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", leave=False)):
-        rows = order[start:start + batch_size]
-        ids, mask = left_pad([encoded[i] for i in rows], pad_id, device)
+    # Ties by index: the batches are a function of the messages alone.
+    batches = [(shared, ordered[start:start + batch_size]) for shared, rows in groups
+               for ordered in [sorted(rows, key=lambda i: (-len(encoded[i]), i))]
+               for start in range(0, len(ordered), batch_size)]
+    prefix_cache, cached_prefix = None, None
+    for b, (shared, rows) in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
+        prefix = encoded[rows[0]][:shared]
+        suffix_ids, suffix_mask = left_pad([encoded[i][shared:] for i in rows], pad_id, device)
+        cache = None
+        if shared:
+            if prefix != cached_prefix:  # the group's first batch: its prefix, once
+                prefix_cache, cached_prefix = _prefill(model, prefix, device), prefix
+                _count(stats, shared)
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(rows))
+        ids = torch.cat([torch.tensor([prefix] * len(rows), dtype=torch.long, device=device).view(len(rows), -1),
+                         suffix_ids], dim=1)
+        mask = torch.cat([torch.ones((len(rows), shared), dtype=torch.long, device=device), suffix_mask], dim=1)
+        _count(stats, suffix_ids.numel())
         processors = [constraint(ids.shape[1], max_new_tokens)] if constraint is not None else []
         if do_sample:
             processors.append(RowSampler([prompt_seed(seed, messages[i]) for i in rows], temperature, top_p))
         batch_kwargs = {**kwargs, "logits_processor": LogitsProcessorList(processors)} if processors else kwargs
+        if cache is not None:
+            batch_kwargs = {**batch_kwargs, "cache": cache}
         new_tokens = _generate_batch(model, ids, mask, batch_kwargs, deltas, rows, positions, seed + b)
         yield rows, [clean_output(response_prefix + tok.decode(_cut_at_eos(t.tolist(), kwargs["eos_token_id"]),
                                                                skip_special_tokens=True)) for t in new_tokens]
+
+
+def _count(stats: dict[str, int] | None, prompt_tokens: int) -> None:
+    if stats is not None:
+        stats["prompt_tokens"] = stats.get("prompt_tokens", 0) + prompt_tokens
+
+
+def _prefill(model, prefix: list[int], device) -> DynamicCache:
+    """The key/value cache of one prompt prefix (batch of one)."""
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([prefix], dtype=torch.long, device=device), cache=cache, use_cache=True)
+    return cache
 
 
 def _generate_batch(model, ids, mask, kwargs, deltas, rows, positions, seed) -> list[torch.Tensor]:

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from collect.loop import PairWriter
-from collect.pairs import TextCollector, other_users_pools, try_histories
+from collect.pairs import TextCollector, chunk_histories, other_users_pools, try_histories
 from data_process.artifact_io import read_jsonl, write_jsonl
+from data_process.fingerprint import fingerprint_settings
 from stages.collect_pairs import CollectPairsConfig
 from stages.common import with_task_defaults
 from stages.workers import unfinished, user_chunks
@@ -235,3 +236,60 @@ def test_the_stage_hands_its_chunks_to_the_task_s_collector(tmp_path, tiny_llama
     assert summary["pwab"]["positives"] == 0 and summary["totals"]["kept"] == 2
     assert len(read_jsonl(tmp_path / "pairs" / "pairs.jsonl")) == 2
     assert len(read_jsonl(tmp_path / "pairs" / "progress.jsonl")) == 9
+
+
+def test_a_chunk_pool_gives_every_try_of_a_chunk_the_same_other_users_items():
+    chunk = [s for s in SAMPLES if s["user_id"] in ("ua", "ub")]
+    pools = other_users_pools(chunk, SAMPLES + REMAIN)
+    k = 2
+    histories = chunk_histories(chunk, pools, tries=3, seed=0, need=k, draw=lambda rng, pool: rng.sample(pool, k))
+    for t in range(3):
+        drawn = {tuple(h["id"] for h in histories[s["id"]][t]) for s in chunk}
+        assert len(drawn) == 1  # one draw per chunk and try
+        assert all(h["user_id"] not in ("ua", "ub") for h in histories[chunk[0]["id"]][t])
+    assert len({tuple(h["id"] for h in histories[chunk[0]["id"]][t]) for t in range(3)}) > 1
+    # Fewer shared items than a try needs: each user draws from its own pool.
+    alone = chunk_histories(chunk, pools, tries=1, seed=0, need=99, draw=lambda rng, pool: rng.sample(pool, 9))
+    for s in chunk:
+        assert all(h["user_id"] != s["user_id"] for h in alone[s["id"]][0])
+    assert len({tuple(h["id"] for h in alone[s["id"]][0]) for s in chunk}) == 2
+
+
+def test_a_chunk_pool_is_drawn_by_chunk_not_by_the_order_samples_are_computed_in(tmp_path):
+    full, again = FakeGenerator(), FakeGenerator()
+    run(tmp_path / "a", full, others_pool="chunk")
+    resumed = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        run(resumed, FakeGenerator(fail_on_call=3), others_pool="chunk")
+    run(resumed, again, others_pool="chunk")
+    assert read_jsonl(resumed / "pairs.jsonl") == read_jsonl(tmp_path / "a" / "pairs.jsonl")
+    prompts = [m for call in full.calls for m in call]
+    chunks = user_chunks(SAMPLES, lambda s: s["user_id"], 2)
+    # Every prompt of a chunk's try shares its history: one history text per chunk and try.
+    assert len({m.split("Generate a headline")[0] for m in prompts}) == len(chunks) * 2 < len(prompts)
+
+
+def test_the_chunk_pool_needs_other_users_items_and_makes_the_chunk_size_part_of_the_settings():
+    with pytest.raises(ValueError, match="needs --rag others"):
+        run_cfg = with_task_defaults(CollectPairsConfig(task="lamp4", others_pool="chunk", rag="history"))
+        TextCollector(run_cfg, get_task("lamp4"), SAMPLES, None, None, generate=FakeGenerator())
+    sample_pool = CollectPairsConfig(task="lamp4", samples_per_chunk=2)
+    chunk_pool = CollectPairsConfig(task="lamp4", samples_per_chunk=2, others_pool="chunk")
+    assert "samples_per_chunk" not in fingerprint_settings(sample_pool)
+    assert fingerprint_settings(chunk_pool)["samples_per_chunk"] == 2
+    assert "share_prefix" not in fingerprint_settings(chunk_pool)
+
+
+@pytest.mark.parametrize("others_pool", ["sample", "chunk"])
+def test_the_stage_writes_the_same_pairs_at_any_batch_size_with_shared_prefixes(tmp_path, tiny_llama_dir, others_pool):
+    outputs = []
+    for batch_size, share in (("1", "false"), ("4", "true"), ("3", "true")):
+        run_dir = tmp_path / f"b{batch_size}{share}"
+        write_jsonl(run_dir / "ranked" / "train.jsonl", SAMPLES)
+        write_jsonl(run_dir / "ranked" / "remain_train.jsonl", REMAIN)
+        run_stage("collect_pairs", ["--task", "lamp4", "--run-dir", str(run_dir), "--model", str(tiny_llama_dir),
+                                    "--device", "cpu", "--threshold", "1.0", "--max-new-tokens", "5",
+                                    "--batch-size", batch_size, "--share-prefix", share, "--samples-per-chunk", "6",
+                                    "--others-pool", others_pool, "--history-k", "2"])
+        outputs.append((run_dir / "pairs" / "pairs.jsonl").read_text())
+    assert outputs[0] == outputs[1] == outputs[2] and outputs[0]

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from data_process.text import json_objects
-from steering.generation import clean_output, generate, generate_batches
+from steering.generation import (
+    clean_output,
+    generate,
+    generate_batches,
+    prefix_groups,
+    prefix_sharing_supported,
+)
 
 MESSAGES = [
     "the quick brown fox",
@@ -146,3 +152,47 @@ def test_batches_come_longest_prompt_first_and_cover_every_message_once(tiny_lla
     assert [lengths[i] for i in rows] == sorted(lengths, reverse=True)
     assert [t for _, texts in batches for t in texts] == [generate(model, tok, MESSAGES, max_new_tokens=2,
                                                                    batch_size=2)[i] for i in rows]
+
+
+SHARED = ("Headlines this author wrote for earlier articles:\n- Debian 13 released with a new installer and "
+          "long term support\n- Package maintainers meet in Hamburg to plan the next freeze\n- Why reproducible "
+          "builds matter for a distribution\n\nGenerate a headline for the following article: ")
+PREFIXED = [SHARED + tail for tail in ("the archive moves to a new mirror network.", "json",
+                                       "a security team member explains how embargoed fixes are released to users.",
+                                       "steering vectors")]
+
+
+def test_prefix_groups_keep_a_long_shared_prefix_and_leave_every_row_a_token_of_its_own():
+    common = list(range(100))
+    encoded = [common + [1000 + i] * (i + 1) for i in range(4)] + [[7, 8, 9], common[:60] + [5]] + [common[:]]
+    groups = prefix_groups(encoded)
+    assert groups[0] == (99, [0, 1, 2, 3, 6])  # row 6 is the prefix itself: one token stays its own
+    assert groups[1] == (0, [4, 5])  # row 5 shares 60 of 99 tokens: generated whole, not cutting the group
+    assert sorted(i for _, rows in groups for i in rows) == list(range(len(encoded)))
+
+
+@pytest.mark.parametrize("response_prefix", ["", "Headline:"])
+def test_a_shared_prefix_computed_once_gives_the_greedy_tokens_of_the_whole_prompts(tiny_model, response_prefix):
+    model, tok = tiny_model
+    messages = PREFIXED + MESSAGES  # rows with the shared prefix and rows without
+    whole, shared = {}, {}
+    plain = generate(model, tok, messages, max_new_tokens=10, batch_size=3, stats=whole,
+                     response_prefix=response_prefix)
+    reused = generate(model, tok, messages, max_new_tokens=10, batch_size=3, share_prefix=True, stats=shared,
+                      response_prefix=response_prefix)
+    assert reused == plain
+    assert len(set(plain)) > 1
+    if not response_prefix:  # (the tiny llama answers every "Headline:" row alike)
+        assert len(set(plain[:len(PREFIXED)])) > 1  # the rows that share a prefix still differ
+    assert shared["prompt_tokens"] < whole["prompt_tokens"]
+
+
+def test_prefix_sharing_is_off_where_a_sliding_window_would_count_the_padding(tiny_llama):
+    model, _ = tiny_llama
+    assert prefix_sharing_supported(model)
+    config = model.config
+    try:
+        config.layer_types = ["sliding_attention"] + ["full_attention"] * (config.num_hidden_layers - 1)
+        assert not prefix_sharing_supported(model)
+    finally:
+        del config.layer_types
