@@ -42,8 +42,9 @@ class StageConfig(CommonConfig):
 @dataclass
 class PromptSettings:
     """The prompt a model sees, shared by 03 (its tries), 05 and train_lora (config section
-    ``prompt``): stated once, so adapters learn the prompts 05 writes.  A stage that needs
-    another value sets it in its own section, which comes after ``prompt``."""
+    ``prompt``): stated once, so adapters learn prompts 05 writes (train_lora's ``--prompt``
+    says which algorithm's).  A stage that needs another value sets it in its own section,
+    which comes after ``prompt``."""
 
     history_k: int | None = field(default=None, metadata={"min": 0, "help": "history items in a prompt "
                                                                    "(default: the task's)"})

@@ -2,16 +2,20 @@
 
 Reads {run_dir}/ranked/train.jsonl (stage 02) and writes {run_dir}/lora/<user_id>/ (PEFT
 format, safetensors), the directory ``05_generate --algo oppu`` / ``oppu+fints`` (or
-``--plugin``) loads.  The prompt of an example is the one generation writes (``--prompt
-rag``: the task's top ``--history-k`` ranked items, or ``zeroshot``), the loss covers the
-answer only; OPPU's recipe is the default.  ``--base`` first trains one shared adapter on
-``remain_train`` (the other users) and starts every user from it, as OPPU does.
+``--plugin``) loads.  The prompt of an example is one generation writes (``--prompt rag``:
+the task's top ``--history-k`` ranked items, or ``zeroshot``), by default the task's
+``lora_prompt`` (zero-shot for LaMP and LongLaMP, RAG for PersonalWAB, as OPPU's
+checkpoints were trained); 05 runs the adapters under the RAG prompt either way.  The
+loss covers the answer only; OPPU's recipe is the default.  ``--base`` first trains one
+shared adapter on ``remain_train`` (the other users) and starts every user from it, as
+OPPU does.
 
 Resumable: each finished user is a line of progress.jsonl written after its adapter, so a
 killed run continues with the next unfinished user (a half-trained user starts over).
-Seeded per user.  The manifest lists every user's losses and seconds.  Only the ``train``
-split is read; a training sample that is, or shows in its history, a test sample or a
-user's test gold is an error.
+Seeded per user.  The manifest lists every user's losses, seconds and tokens per
+optimizer step (padded, and without the padding).  Only the ``train`` split is read; a
+training sample that is, or shows in its history, a test sample or a user's test gold is
+an error.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,25 +45,28 @@ from stages.common import (
 )
 from steering.algorithms import AlgoSettings, build_algorithm
 from steering.loading import load_model, model_name
-from steering.lora import LoraRecipe, encode_example, mean_loss, save_adapter, train_adapter
+from steering.lora import LoraRecipe, encode_example, mean_loss, save_adapter, step_tokens, train_adapter
 
 log = logging.getLogger(__name__)
 
 PROMPTS = ["rag", "zeroshot"]  # the generation algorithms whose prompt an adapter can learn
+TASK_PROMPT = "lora_prompt"  # the key of a task's ``defaults`` that chooses --prompt (rag without one)
 PROGRESS = "progress.jsonl"
 
 
 @dataclass
 class TrainLoraConfig(StageConfig, PromptSettings):
     """Settings of per-user LoRA training (config sections ``prompt``, then ``train_lora``):
-    the prompt settings are 05's, so the adapters learn the prompts 05 writes."""
+    the prompt settings are 05's, so the adapters learn the prompts 05's ``--prompt`` algorithm
+    writes (default: the task's ``lora_prompt``)."""
 
     STAGE = "train_lora"
     SECTIONS = ("prompt", "train_lora")
 
     out_dir: str = field(default="", metadata={"help": "adapter directory (default {run_dir}/lora)"})
-    prompt: str = field(default="rag", metadata={"help": "prompt of the examples: the one this generation "
-                                                         "algorithm writes", "choices": PROMPTS})
+    prompt: str | None = field(default=None, metadata={
+        "help": "prompt of the examples: the one this generation algorithm writes (default: the task's; "
+                "zeroshot for LaMP and LongLaMP, rag for PersonalWAB)", "choices": PROMPTS})
     max_answer_tokens: int = field(default=128,
                                    metadata={"min": 1, "help": "answer tokens trained on (longer answers are cut)"})
     rank: int = field(default=8, metadata={"min": 1, "help": "LoRA rank r"})
@@ -84,7 +91,7 @@ def adapter_dir(cfg: Any) -> Path:
 
 def run(cfg: TrainLoraConfig) -> dict[str, Any]:
     """Train (or resume) every seen user's adapter; return the manifest ({} when already finished)."""
-    cfg = with_task_defaults(cfg)
+    cfg = with_prompt(with_task_defaults(cfg))  # the resolved prompt is what the fingerprint holds
     task = task_of(cfg)
     require(cfg, "history_k")
     out = adapter_dir(cfg)
@@ -116,15 +123,22 @@ def run(cfg: TrainLoraConfig) -> dict[str, Any]:
             start = time.perf_counter()
             examples = encode(by_user[user])
             before = mean_loss(model, examples, pad_id)
-            wrapped, epochs = train_adapter(model, examples, recipe, pad_id, seed=_user_seed(cfg.seed, user),
-                                            init_from=base, desc=user)
+            wrapped, epochs, tokens = train_adapter(model, examples, recipe, pad_id,
+                                                    seed=_user_seed(cfg.seed, user), init_from=base, desc=user)
             after = mean_loss(wrapped, examples, pad_id)
             model = save_adapter(wrapped, out / user)
             writer.write({"user_id": user, "n_samples": len(examples), "loss_before": round(before, 4),
                           "loss_after": round(after, 4), "epoch_losses": [round(x, 4) for x in epochs],
-                          "seconds": round(time.perf_counter() - start, 2)})
+                          "seconds": round(time.perf_counter() - start, 2), **tokens})
     rows = {r["user_id"]: r for r in read_jsonl(out / PROGRESS)}  # a retrained user's last line wins
     return _finish(stage, cfg, model, out, rows, base)
+
+
+def with_prompt(cfg: TrainLoraConfig) -> TrainLoraConfig:
+    """``cfg`` with ``prompt`` set: as given, else the task's ``lora_prompt``, else rag."""
+    if cfg.prompt is not None:
+        return cfg
+    return replace(cfg, prompt=task_of(cfg).defaults.get(TASK_PROMPT, "rag"))
 
 
 def _encoder(cfg: TrainLoraConfig, task, tok):
@@ -149,10 +163,10 @@ def _train_base(cfg: TrainLoraConfig, model, recipe: LoraRecipe, encode, pad_id:
     samples = load_samples(ranked / "remain_train.jsonl")
     samples = samples[: cfg.base_limit] if cfg.base_limit > 0 else samples
     start = time.perf_counter()
-    wrapped, epochs = train_adapter(model, encode(samples), recipe, pad_id, seed=cfg.seed, desc="base")
+    wrapped, epochs, tokens = train_adapter(model, encode(samples), recipe, pad_id, seed=cfg.seed, desc="base")
     save_adapter(wrapped, base_dir)
     write_json(base_dir / "losses.json", {"n_samples": len(samples), "epoch_losses": epochs,
-                                          "seconds": round(time.perf_counter() - start, 2)})
+                                          "seconds": round(time.perf_counter() - start, 2), **tokens})
     log.info("[train_lora] base adapter on %d remain_train samples: loss per epoch %s", len(samples),
              [round(x, 4) for x in epochs])
     return base_dir
@@ -160,16 +174,31 @@ def _train_base(cfg: TrainLoraConfig, model, recipe: LoraRecipe, encode, pad_id:
 
 def _finish(stage: Stage, cfg: TrainLoraConfig, model, out: Path, rows: dict, base) -> dict:
     seconds = sorted(r["seconds"] for r in rows.values())
+    per_user = {"mean": round(sum(seconds) / len(seconds), 2), "median": seconds[len(seconds) // 2],
+                "max": seconds[-1], "total": round(sum(seconds), 2)} if seconds else None
+    tokens = _tokens_per_step(rows.values())
     if seconds:
-        log.info("[train_lora] %d adapters; seconds per user: median %.1f, max %.1f, total %.1f; mean loss on the "
-                 "training samples %.4f -> %.4f", len(rows), seconds[len(seconds) // 2], seconds[-1], sum(seconds),
-                 sum(r["loss_before"] for r in rows.values()) / len(rows),
+        log.info("[train_lora] %d adapters (--prompt %s); seconds per user: mean %.1f, median %.1f, max %.1f, "
+                 "total %.1f; tokens per step: %s padded, %s without padding (%d steps); mean loss on the "
+                 "training samples %.4f -> %.4f", len(rows), cfg.prompt, per_user["mean"], per_user["median"],
+                 per_user["max"], per_user["total"], tokens["padded_tokens_per_step"], tokens["tokens_per_step"],
+                 tokens["steps"], sum(r["loss_before"] for r in rows.values()) / len(rows),
                  sum(r["loss_after"] for r in rows.values()) / len(rows))
     return stage.finish(outputs=[out / PROGRESS], model=model_name(model), seed=cfg.seed,
                         prompt={"algo": cfg.prompt, "history_k": cfg.history_k,
                                 "max_prompt_tokens": cfg.max_prompt_tokens},
+                        seconds_per_user=per_user, tokens_per_step=tokens,
                         base_adapter=str(base) if base else None,
                         base=read_json(base / "losses.json") if base else None, users=rows)
+
+
+def _tokens_per_step(rows) -> dict:
+    """The users' tokens per optimizer step pooled over all their steps (rows of a run
+    resumed from before they were counted have none and are left out)."""
+    counted = [r for r in rows if "steps" in r]
+    steps = sum(r["steps"] for r in counted)
+    return step_tokens(steps, sum(r["padded_tokens_per_step"] * r["steps"] for r in counted),
+                       sum(r["tokens_per_step"] * r["steps"] for r in counted))
 
 
 def _user_seed(seed: int, user: str) -> int:

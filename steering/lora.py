@@ -139,11 +139,12 @@ def mean_loss(model, examples: Sequence[Example], pad_id: int, batch_size: int =
 
 
 def train_adapter(model, examples: Sequence[Example], recipe: LoraRecipe, pad_id: int, *, seed: int,
-                  init_from: str | Path | None = None, desc: str = "lora") -> tuple[object, list[float]]:
+                  init_from: str | Path | None = None, desc: str = "lora") -> tuple[object, list[float], dict]:
     """Wrap ``model`` with a trainable LoRA and fit it to ``examples``.
 
-    Returns ``(peft_model, loss per epoch)``, each epoch's loss the mean per answer token
-    of its batches as trained (dropout on).  ``init_from`` starts from a saved adapter
+    Returns ``(peft_model, loss per epoch, tokens)``, each epoch's loss the mean per answer
+    token of its batches as trained (dropout on); ``tokens`` counts the optimizer steps and
+    the tokens they ran (:func:`step_tokens`).  ``init_from`` starts from a saved adapter
     instead of a fresh one.  Seeded: the LoRA init, the example order and dropout depend
     on ``seed`` alone, and the global RNG is left as it was.
     """
@@ -165,7 +166,7 @@ def train_adapter(model, examples: Sequence[Example], recipe: LoraRecipe, pad_id
         lengths = [len(e.ids) for e in examples]
         rng = random.Random(seed)
         wrapped.train()
-        epoch_losses = []
+        epoch_losses, done, padded, real = [], 0, 0, 0
         steps = recipe.epochs * math.ceil(len(examples) / recipe.batch_size)
         bar = tqdm(total=steps, desc=desc, unit="step", leave=False)
         for _ in range(recipe.epochs):
@@ -173,6 +174,8 @@ def train_adapter(model, examples: Sequence[Example], recipe: LoraRecipe, pad_id
             for rows in length_grouped_batches(lengths, recipe.batch_size, rng):
                 batch = collate([examples[i] for i in rows], pad_id, device)
                 loss_sum, n = answer_loss(wrapped, batch)
+                done, padded = done + 1, padded + batch["input_ids"].numel()
+                real += sum(lengths[i] for i in rows)
                 optimizer.zero_grad(set_to_none=True)
                 (loss_sum / max(n, 1)).backward()
                 optimizer.step()
@@ -181,7 +184,14 @@ def train_adapter(model, examples: Sequence[Example], recipe: LoraRecipe, pad_id
             epoch_losses.append(total / max(count, 1))
         bar.close()
     wrapped.eval()
-    return wrapped, epoch_losses
+    return wrapped, epoch_losses, step_tokens(done, padded, real)
+
+
+def step_tokens(steps: int, padded: int, real: int) -> dict:
+    """``steps`` optimizer steps that ran ``padded`` tokens (the batches' width times rows,
+    what the model computes) of which ``real`` were not padding: the means per step."""
+    return {"steps": steps, "padded_tokens_per_step": round(padded / max(steps, 1), 1),
+            "tokens_per_step": round(real / max(steps, 1), 1)}
 
 
 def save_adapter(wrapped, out_dir: str | Path):

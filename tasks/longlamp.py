@@ -156,7 +156,8 @@ def _read_split(paths: list[Path], split: str, log: ErrorLog, seen: set[tuple[st
 class LongLamp(TextTask):
     name = "longlamp"
     summary = "LongLaMP abstract generation"
-    defaults = {"include_history_samples": True, "history_k": 3, "max_new_tokens": 256, "threshold": 0.2}
+    defaults = {"include_history_samples": True, "history_k": 3, "max_new_tokens": 256, "threshold": 0.2,
+                "lora_prompt": "zeroshot"}
     header = "Abstracts this author wrote for earlier papers:"
 
     def load(self, data_dir: Path, *, include_history_samples: bool = True, on_error: str = "stop") -> Benchmark:

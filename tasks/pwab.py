@@ -109,7 +109,7 @@ class PersonalWab(Task):
     summary = "PersonalWAB function calling (search, recommend, review)"
     defaults = {"include_history_samples": False, "recommend_history": "category", "user_profiles": False,
                 "history_k": 5, "max_new_tokens": 128, "positive_k": 5, "search_threshold": 0.65,
-                "review_threshold": 0.51, "recommend_in_list": True, "constrained": True}
+                "review_threshold": 0.51, "recommend_in_list": True, "constrained": True, "lora_prompt": "rag"}
     metrics = tuple(PWAB_METRICS)
     selection_metric = "racc"  # the result: a wrong function scores 0, so it includes FACC
     pair_collector = "tool_calls"

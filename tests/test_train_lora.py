@@ -27,7 +27,7 @@ def run(tmp_path_factory, tiny_llama_dir):
     root = tmp_path_factory.mktemp("lora_run")
     config = write_config(root / "config.json", root / "run", write_fixture(root / "raw"), tiny_llama_dir)
     settings = json.loads(config.read_text())
-    settings["train_lora"] = {"history_k": 2, "max_prompt_tokens": 256}  # the prompts 05 writes
+    settings["train_lora"] = {"history_k": 2, "max_prompt_tokens": 256}  # the prompts 05 writes (--prompt rag)
     config.write_text(json.dumps(settings))
     for name in ("select_users", "rank_history", "collect_pairs", "extract_vectors"):
         run_stage(name, ["--config", str(config)])
@@ -50,10 +50,71 @@ def test_every_seen_user_gets_a_peft_adapter_and_training_lowers_its_loss(run):
     for user, row in manifest["users"].items():
         assert row["loss_after"] < row["loss_before"], user
         assert row["seconds"] > 0 and len(row["epoch_losses"]) == 2
+        assert row["steps"] == 2 * -(-row["n_samples"] // 4)  # epochs x batches of --batch-size 4
+        assert 0 < row["tokens_per_step"] <= row["padded_tokens_per_step"]
         config = json.loads((run_dir / "lora" / user / "adapter_config.json").read_text())
         assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
         assert any("lora_B" in k for k in adapter(run_dir / "lora" / user))
-    assert manifest["prompt"] == {"algo": "rag", "history_k": 2, "max_prompt_tokens": 256}
+    assert manifest["prompt"] == {"algo": "zeroshot", "history_k": 2, "max_prompt_tokens": 256}  # lamp4's
+    rows = manifest["users"].values()
+    assert manifest["tokens_per_step"]["steps"] == sum(r["steps"] for r in rows)
+    assert manifest["seconds_per_user"]["total"] == pytest.approx(sum(r["seconds"] for r in rows), abs=0.05)
+
+
+def test_the_oppu_prompt_is_the_tasks_choice_unless_a_flag_or_the_config_sets_it(tmp_path):
+    from data_process.config import parse_config
+
+    def prompt(*argv: str) -> str:
+        return train_lora.with_prompt(parse_config(train_lora.TrainLoraConfig, list(argv))).prompt
+
+    # As OPPU's checkpoints were trained: zero-shot for LaMP and LongLaMP, RAG for PersonalWAB.
+    assert {task: prompt("--task", task) for task in ("lamp4", "lamp4_style", "lamp5", "longlamp", "pwab")} == {
+        "lamp4": "zeroshot", "lamp4_style": "zeroshot", "lamp5": "zeroshot", "longlamp": "zeroshot", "pwab": "rag"}
+    assert prompt("--task", "lamp4", "--prompt", "rag") == "rag"
+    assert prompt("--task", "pwab", "--prompt", "zeroshot") == "zeroshot"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"task": "lamp4", "train_lora": {"prompt": "rag"}}))
+    assert prompt("--config", str(config)) == "rag"
+
+
+def test_a_lamp4_run_trains_on_zero_shot_prompts_unless_told_rag(run, tmp_path, monkeypatch):
+    from tasks.lamp4 import TASK
+
+    config, run_dir = run
+    seen: list[str] = []
+    real = train_lora.encode_example
+    monkeypatch.setattr(train_lora, "encode_example", lambda tok, message, *rest: seen.append(message)
+                        or real(tok, message, *rest))
+    argv = ["--config", str(config), "--epochs", "1"]
+    default = run_stage("train_lora", [*argv, "--out-dir", str(tmp_path / "default")])
+    zero_shot, seen[:] = list(seen), []
+    rag = run_stage("train_lora", [*argv, "--out-dir", str(tmp_path / "rag"), "--prompt", "rag"])
+    train = read_jsonl(run_dir / "ranked" / "train.jsonl")
+    assert len(zero_shot) == len(seen) == len(train)  # one encoding per training sample
+    assert not any(TASK.header in m or "\n- " in m for m in zero_shot)  # no history lines
+    with_history = sum(bool(s["history"]) for s in train)
+    assert with_history > 0 and sum(TASK.header in m and "\n- " in m for m in seen) == with_history
+    assert default["prompt"]["algo"] == "zeroshot" and rag["prompt"]["algo"] == "rag"
+    assert rag["tokens_per_step"]["tokens_per_step"] > default["tokens_per_step"]["tokens_per_step"]
+
+
+def test_adapters_trained_on_the_old_default_rag_prompt_are_refused_naming_the_setting(run, tmp_path):
+    config, _ = run
+    argv = ["--config", str(config), "--out-dir", str(tmp_path / "lora"), "--epochs", "1"]
+    run_stage("train_lora", [*argv, "--prompt", "rag"])
+    with pytest.raises(ValueError, match=r'holds a finished run with other settings: prompt \("rag" -> "zeroshot"\)'):
+        run_stage("train_lora", argv)
+
+
+def test_oppu_generates_with_the_rag_prompt_whatever_prompt_its_adapters_learned(run):
+    from tasks.lamp4 import TASK
+
+    config, run_dir = run
+    assert read_json(run_dir / "lora" / "manifest.json")["prompt"]["algo"] == "zeroshot"
+    prompts = {algo: [r["prompt"] for r in read_jsonl(generate(config, "--algo", algo) / "generations.jsonl")]
+               for algo in ("rag", "oppu")}
+    assert prompts["oppu"] == prompts["rag"]
+    assert all(TASK.header in p for p in prompts["oppu"])
 
 
 def test_training_sees_only_train_samples_and_never_a_test_gold(run, tmp_path, monkeypatch):
@@ -66,7 +127,8 @@ def test_training_sees_only_train_samples_and_never_a_test_gold(run, tmp_path, m
         return real(tok, message, answer, *rest)
 
     monkeypatch.setattr(train_lora, "encode_example", spy)
-    run_stage("train_lora", ["--config", str(config), "--out-dir", str(tmp_path / "spy"), "--epochs", "1"])
+    run_stage("train_lora", ["--config", str(config), "--out-dir", str(tmp_path / "spy"), "--epochs", "1",
+                             "--prompt", "rag"])  # prompts with history: where a test gold could hide
     train = read_jsonl(run_dir / "ranked" / "train.jsonl")
     tests = [s for split in ("seen_test", "unseen_test") for s in read_jsonl(run_dir / "ranked" / f"{split}.jsonl")]
     assert sorted(answer for _, answer in seen) == sorted(s["output"] for s in train)
