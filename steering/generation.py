@@ -141,9 +141,10 @@ def prefix_groups(encoded: list[list[int]], min_shared: int = MIN_SHARED_TOKENS)
     A row joins the first group whose prefix it shares for at least ``min_shared`` tokens
     when that saves more than it costs: the ``n`` tokens it shares must outnumber those its
     rows would compute again if the prefix shrank to ``n`` (so one odd row cannot cut a
-    long shared prefix short).  The prefix leaves every row at least one token of its own.  Rows that share nothing
-    with another row form the last group, with prefix length 0 (generated as usual).
-    The groups depend on the token ids alone.
+    long shared prefix short).  The prefix leaves every row at least one token of its own.
+    Rows in no such group form the last group, sharing the head they all have in common
+    (e.g. a chat template's header and a task's fixed instructions; length 0 when it is
+    under ``min_shared``).  The groups depend on the token ids alone.
     """
     groups: list[tuple[list[int], list[int]]] = []  # (prefix tokens, rows)
     for i, ids in enumerate(encoded):
@@ -156,7 +157,12 @@ def prefix_groups(encoded: list[list[int]], min_shared: int = MIN_SHARED_TOKENS)
             groups.append((ids[:len(ids) - 1], [i]))
     shared = [(len(prefix), rows) for prefix, rows in groups if len(rows) > 1]
     alone = sorted(i for prefix, rows in groups if len(rows) == 1 for i in rows)
-    return shared + ([(0, alone)] if alone else [])
+    if not alone:
+        return shared
+    head = min(len(encoded[i]) - 1 for i in alone)
+    for i in alone[1:]:
+        head = min(head, _common_length(encoded[alone[0]], encoded[i]))
+    return shared + [(head if len(alone) > 1 and head >= min_shared else 0, alone)]
 
 
 def prefix_sharing_supported(model) -> bool:

@@ -169,6 +169,8 @@ def test_prefix_groups_keep_a_long_shared_prefix_and_leave_every_row_a_token_of_
     assert groups[0] == (99, [0, 1, 2, 3, 6])  # row 6 is the prefix itself: one token stays its own
     assert groups[1] == (0, [4, 5])  # row 5 shares 60 of 99 tokens: generated whole, not cutting the group
     assert sorted(i for _, rows in groups for i in rows) == list(range(len(encoded)))
+    head = list(range(500, 540))  # rows that share only a fixed head still compute it once
+    assert prefix_groups([head + [1] * 50, head + [2] * 50, head + [3]]) == [(40, [0, 1, 2])]
 
 
 @pytest.mark.parametrize("response_prefix", ["", "Headline:"])
