@@ -67,8 +67,14 @@ def collect(collector, samples, out_dir, chunk_size=4):
     return read_jsonl(writer.pairs_path), markers[before:], summary
 
 
+def listed(message: str) -> list[str]:
+    """The asins of a prompt's history lines (the default layout ends a line with its asin)."""
+    return re.findall(r"^\[\d+\] .*\(item (\S+)\)$", message, re.M)
+
+
 def fake_model(bench):
-    """Answers like a model: good calls from the user's own history, poor ones otherwise."""
+    """Answers like a model: good calls from the user's own history, poor ones otherwise
+    (another user's history makes a recommend request look like a search)."""
     samples = {s["input"]: s for s in bench.train}
     prompts = []
 
@@ -77,7 +83,7 @@ def fake_model(bench):
         out = []
         for m in messages:
             s = samples[re.search(r"User request: (.*)", m).group(1)]
-            own = bool(s["history"]) and f"[1] {s['history'][0]['asin']} |" in m
+            own = bool(s["history"]) and listed(m)[:1] == [s["history"][0]["asin"]]
             title = s["target"]["product_info"]["title"]
             if s["user_id"] == "ANQ5DOGMOM9PW" and not own:
                 out.append("Sorry, I cannot help with that.")          # unparseable
@@ -87,8 +93,9 @@ def fake_model(bench):
                            + "\n```" if own else format_tool_call(ToolCall("get_recommendations_by_history",
                                                                            {"product_sequence": []})))
             elif s["type"] == "recommend":
-                seq = [h["asin"] for h in s["history"]] if own else []
-                out.append(format_tool_call(ToolCall("get_recommendations_by_history", {"product_sequence": seq})))
+                out.append(format_tool_call(ToolCall("get_recommendations_by_history", {
+                    "product_sequence": [h["asin"] for h in s["history"]]}) if own else ToolCall(
+                    "search_product_by_query", {"query": "something else"})))
             else:
                 out.append(format_tool_call(ToolCall("add_product_review", {"review": "zzz"})))
         return out
@@ -102,7 +109,8 @@ def test_unset_pwab_settings_come_from_the_task_and_set_ones_are_kept():
     cfg = with_task_defaults(given)
     assert given.positive_k is None  # the defaults fill a copy
     assert (cfg.history_k, cfg.search_threshold) == (3, 0.9)
-    assert (cfg.positive_k, cfg.review_threshold, cfg.recommend_in_list, cfg.max_new_tokens) == (5, 0.51, True, 128)
+    assert (cfg.positive_k, cfg.review_threshold, cfg.recommend_in_list, cfg.max_new_tokens) == (5, 0.51, False, 128)
+    assert (cfg.positive_tries, cfg.positive_temperature, cfg.history_line) == (1, 0.8, "title_first")
 
 
 class Written:
@@ -168,12 +176,12 @@ def test_negative_prompts_use_other_users_history(run):
     negatives = 0
     for m in prompts:
         s = next(x for x in bench.train if f"User request: {x['input']}" in m)
-        listed = re.findall(r"^\[\d+\] (\S+) \|", m, re.M)
-        if listed == [h["asin"] for h in s["history"][:cfg.positive_k]]:
+        shown = listed(m)
+        if shown == [h["asin"] for h in s["history"][:cfg.positive_k]]:
             continue  # the positive's prompt: the user's own history
         donors = [x for x in bench.train if x["user_id"] != s["user_id"]
-                  and listed == [h["asin"] for h in x["history"][:cfg.history_k]]]
-        assert donors, f"prompt of {s['id']} lists {listed}, no other user's history"
+                  and shown == [h["asin"] for h in x["history"][:cfg.history_k]]]
+        assert donors, f"prompt of {s['id']} lists {shown}, no other user's history"
         negatives += 1
     assert negatives == 2 * 10  # two tries for each sample with a positive
 
