@@ -350,6 +350,6 @@ def test_sampled_positive_tries_of_the_real_generator_do_not_depend_on_batch_or_
     assert seen[8][0] == seen[1][0] and seen[8][1] == seen[1][1]
     # the tries of one prompt differ: each try has its own seed
     by_prompt: dict = {}
-    for (seed, m), text in seen[8][0].items():
+    for (_, m), text in seen[8][0].items():
         by_prompt.setdefault(m, set()).add(text)
     assert any(len(texts) > 1 for texts in by_prompt.values())
