@@ -3,8 +3,8 @@
 For every request of ``--split`` (``{run_dir}/ranked/{split}.jsonl``), the user's pairs
 (``{run_dir}/pairs/pairs.jsonl``, stage 03) are retrieved as stage 05's fints retrieves
 them -- its query text, ``--top-pairs``, ``--retriever`` from the config's ``generate``
-section (:func:`eval.pair_retrieval.retrieved`) -- and the share of the same task type is
-reported per request type (:func:`eval.pair_retrieval.same_type_share`).  A pair's type is
+section (:func:`steering.pair_retrieval.retrieved`) -- and the share of the same task type is
+reported per request type (:func:`steering.pair_retrieval.same_type_share`).  A pair's type is
 its ``type`` field, else its sample's in ``ranked/train.jsonl`` (pairs made before pairs
 carried it).  Writes ``{run_dir}/pair_retrieval/{split}.json`` and prints a table.
 """
@@ -16,9 +16,9 @@ from typing import Any
 
 from data_process.artifact_io import read_jsonl, write_json
 from data_process.config import stage_dir
-from eval.pair_retrieval import retrieved, same_type_share, share_table
 from stages.common import load_samples, task_of, with_task_defaults
 from stages.generate import GenerateConfig
+from steering.pair_retrieval import retrieved, same_type_share, share_table
 
 
 def _need(path: Path, script: str) -> Path:

@@ -1,4 +1,4 @@
-"""Same-type pair retrieval (eval/pair_retrieval.py, stages/pair_retrieval.py)."""
+"""Same-type pair retrieval (steering/pair_retrieval.py, stages/pair_retrieval.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from data_process.cli import main
-from eval.pair_retrieval import retrieved, same_type_share, share_table
 from stages.generate import GenerateConfig
 from stages.pair_retrieval import run
 from steering.aggregate import PairAggregator
+from steering.pair_retrieval import retrieved, same_type_share, share_table
 from steering.vectors import VectorStore
 
 PAIRS = [{"pair_id": f"p{i}", "user_id": user, "sample_id": f"s{i}", "prompt": q, "query": q, "type": kind}
