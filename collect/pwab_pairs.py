@@ -178,6 +178,8 @@ def summarize_pwab(markers: list[dict], users: set[str]) -> dict[str, Any]:
     summary["parse_failures"] = {"total": sum(parse_failures.values()), **dict(parse_failures)}
     per_type = {kind: dict.fromkeys(PER_TYPE, 0) for kind in TYPES}
     for m in markers:
+        if m.get("type") not in per_type:
+            continue
         row = per_type[m["type"]]
         row["tasks"] += 1
         row["positive_tries"] += int(m.get("positive_tries", 0))
