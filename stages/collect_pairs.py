@@ -68,12 +68,23 @@ class CollectPairsConfig(WorkersConfig, PromptSettings, DecodingSettings):
         "min": 0, "max": 1,
         "help": "PersonalWAB: a search call is correct when its result score 1 - rank/len(results) exceeds this"})
     recommend_in_list: bool | None = field(default=None, metadata={
-        "help": "PersonalWAB: a recommendation counts as correct when the target is in the returned list"})
+        "help": "PersonalWAB: a recommend call is a success only when the target is in its returned list (the "
+                "task's default, false: any call of the recommender is, as the seed judged it)"})
     review_threshold: float | None = field(default=None, metadata={
         "min": -1, "max": 1,
         "help": "PersonalWAB: a review whose similarity to the gold review is below this is a negative"})
     positive_k: int | None = field(default=None, metadata={
         "min": 0, "help": "PersonalWAB: history items in the prompt that collects positives"})
+    positive_tries: int | None = field(default=None, metadata={
+        "min": 1, "help": "PersonalWAB: calls made per search/recommend sample for its positive: the first decoded "
+                          "as the others (greedy by default), the rest sampled at --positive-temperature; the "
+                          "best-scoring success is kept (default: the task's, 1)"})
+    # The task's 0.8 (a choice, not measured): under 1 the samples stay near the model's
+    # likely calls, so most remain on topic, yet they vary the query words a search
+    # positive depends on; at 1 a 135M model's samples drift off the request.
+    positive_temperature: float | None = field(default=None, metadata={
+        "gt": 0, "help": "PersonalWAB: sampling temperature of the positive tries after the first (default: the "
+                         "task's, 0.8)"})
 
 
     def not_in_fingerprint(self) -> frozenset[str]:
@@ -95,6 +106,9 @@ def _report(summary: dict) -> None:
                     ", ".join(summary["users_without_pairs"]))
     if summary.get("parse_failures", {}).get("total"):
         log.warning("[03_collect_pairs] unparseable answers by reason: %s", summary["parse_failures"])
+    for kind, row in summary.get("pwab", {}).get("by_type", {}).items():
+        log.info("  %s: %s tasks, positive tries %s (successes %s), positives %s, kept pairs %s", kind,
+                 row["tasks"], row["positive_tries"], row["successes"], row["positives"], row["kept_pairs"])
     if summary.get("rouge_l", {}).get("quantiles"):
         log.info("[03_collect_pairs] ROUGE-L of distinct tries: %s; kept below other thresholds: %s",
                  summary["rouge_l"]["quantiles"], summary["rouge_l"]["kept_below"])

@@ -15,6 +15,7 @@ from data_process.schema import validate_sample
 from steering.loading import DTYPES
 from tasks import Task, get_task, task_names
 from tasks.base import DEFAULT_MAX_PROMPT_TOKENS
+from tasks.pwab import HISTORY_LINES
 
 ON_ERROR = ["stop", "skip"]
 C = TypeVar("C")
@@ -50,6 +51,9 @@ class PromptSettings:
                                                                    "(default: the task's)"})
     max_prompt_tokens: int = field(default=DEFAULT_MAX_PROMPT_TOKENS, metadata={
         "min": 1, "help": "token budget of a prompt; history is shortened or dropped to fit"})
+    history_line: str | None = field(default=None, metadata={
+        "help": "PersonalWAB: layout of a history line: title_first (title, category, rating, review, then the "
+                "item's asin) | asin_first (the asin leads) (default: the task's)", "choices": list(HISTORY_LINES)})
 
 
 @dataclass
@@ -67,8 +71,10 @@ class DecodingSettings:
 
 
 def task_of(cfg: Any) -> Task:
-    """The task ``cfg`` names (see :func:`with_task_defaults` for its default settings)."""
-    return get_task(cfg.task)
+    """The task ``cfg`` names, with the prompt settings of ``cfg`` it reads (its
+    ``prompt_options``; see :func:`with_task_defaults` for its default settings)."""
+    task = get_task(cfg.task)
+    return task.configured(**{name: getattr(cfg, name, None) for name in task.prompt_options})
 
 
 def with_task_defaults(cfg: C) -> C:

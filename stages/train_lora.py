@@ -186,7 +186,8 @@ def _finish(stage: Stage, cfg: TrainLoraConfig, model, out: Path, rows: dict, ba
                  sum(r["loss_after"] for r in rows.values()) / len(rows))
     return stage.finish(outputs=[out / PROGRESS], model=model_name(model), seed=cfg.seed,
                         prompt={"algo": cfg.prompt, "history_k": cfg.history_k,
-                                "max_prompt_tokens": cfg.max_prompt_tokens},
+                                "max_prompt_tokens": cfg.max_prompt_tokens,
+                                **({"history_line": cfg.history_line} if cfg.history_line else {})},
                         seconds_per_user=per_user, tokens_per_step=tokens,
                         base_adapter=str(base) if base else None,
                         base=read_json(base / "losses.json") if base else None, users=rows)

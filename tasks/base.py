@@ -16,6 +16,7 @@ prompts (:meth:`Task.input_cut`) in their summary.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -51,12 +52,28 @@ class Task:
     setup_stages: ClassVar[tuple[str, ...]] = ()
     # Stage 01 settings that :meth:`load` takes as keyword arguments (besides the two below).
     load_options: ClassVar[tuple[str, ...]] = ()
+    # Prompt settings (fields of the stages' ``prompt`` section) that :meth:`prompt` reads
+    # from the task; stages hand them over through :meth:`configured` (see
+    # ``stages.common.task_of``), so 03, 05 and train_lora write the same prompts.
+    prompt_options: ClassVar[tuple[str, ...]] = ()
     # Text every answer starts with, written into the prompt after the assistant's turn
     # marker (stages 03, 04 and 05 alike), e.g. '{"name": "' for a tool call.
     response_prefix: ClassVar[str] = ""
     # For constrained decoding (--constrained): function name -> (argument name, kind), kind
     # "string" or "string_list"; None: the task's answers are free text.
     call_schema: ClassVar[dict[str, tuple[str, str]] | None] = None
+
+    def configured(self, **options: Any) -> Task:
+        """This task with the ``prompt_options`` among ``options`` set (``None``: the task's
+        own default); ``self`` when nothing changes, else a copy (tasks are shared)."""
+        changed = {k: v for k, v in options.items()
+                   if k in self.prompt_options and v is not None and v != getattr(self, k)}
+        if not changed:
+            return self
+        task = copy.copy(self)
+        for name, value in changed.items():
+            setattr(task, name, value)
+        return task
 
     def load(self, data_dir: Path, *, include_history_samples: bool = True, on_error: str = "stop",
              **options: Any) -> Benchmark:

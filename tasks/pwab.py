@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from data_process.config import choose
 from data_process.records import Benchmark
 from eval.pwab_env import default_cache_dir
 from eval.pwab_eval import PWAB_METRICS, evaluate_pwab
@@ -49,22 +50,32 @@ def _tools_text() -> str:
     return "\n".join(lines)
 
 
-def _item_line(n: int, h: dict[str, Any], review_words: int) -> str:
+# How a history line is laid out (``--history-line``).  The recommender's argument is a
+# list of asins, so a line keeps its item's asin; title_first puts it last, because a
+# small model copies a line's leading identifier into a search query.
+HISTORY_LINES = ("title_first", "asin_first")
+_HEADERS = {"title_first": "title | category | rating | review (item asin)",
+            "asin_first": "asin | title | category | rating | review"}
+
+
+def _item_line(n: int, h: dict[str, Any], review_words: int, layout: str = "title_first") -> str:
     words = str(h.get("output", "")).split()
     review = " ".join(words[:review_words]) + (" ..." if len(words) > review_words else "")
     rating = h.get("rating")
     rated = f" | rated {rating:g}/5" if isinstance(rating, (int, float)) else ""
     category = f" | {h['category']}" if h.get("category") else ""
     title = h.get("title") or str(h.get("input", ""))[:80]
-    return f'[{n}] {h.get("asin", h.get("id", ""))} | {title}{category}{rated} | review: "{review}"'
+    asin = h.get("asin", h.get("id", ""))
+    if layout == "asin_first":
+        return f'[{n}] {asin} | {title}{category}{rated} | review: "{review}"'
+    return f'[{n}] {title}{category}{rated} | review: "{review}" (item {asin})'
 
 
-def _render(sample: dict[str, Any], lines: list[str]) -> str:
+def _render(sample: dict[str, Any], lines: list[str], layout: str = "title_first") -> str:
     parts = ["You are a personalized shopping assistant. Fulfil the user's request by calling "
              "exactly one of these tools:", _tools_text(), ""]
     if lines:
-        parts += ["The user's past purchases and reviews (asin | title | category | rating | review):",
-                  *lines, ""]
+        parts += [f"The user's past purchases and reviews ({_HEADERS[layout]}):", *lines, ""]
     if sample.get("user_profile"):  # only with --user-profiles true (off by default)
         about = "; ".join(f"{k}: {v}" for k, v in sample["user_profile"].items())
         parts += [f"About the user: {about}", ""]
@@ -82,25 +93,28 @@ def _fit_request(sample: dict[str, Any], tokenizer, budget: int) -> tuple[str, b
 
 
 def build_pwab_prompt(sample: dict[str, Any], history: list[dict[str, Any]], tokenizer=None,
-                      max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, review_words: int = 40) -> str:
+                      max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, review_words: int = 40,
+                      history_line: str = "title_first") -> str:
     """Function-calling user message: the three tools, history (most relevant first), request.
 
-    Each history item shows asin, title, category, rating and the (shortened) review.  To
+    Each history item shows title, category, rating, the (shortened) review and the item's
+    asin (``history_line``: title_first, the asin last; asin_first, the asin leading).  To
     fit ``max_prompt_tokens`` (counted with ``tokenizer``, else whitespace words) the least
     relevant items are dropped first; the tools are never cut, and a request that alone
     exceeds the budget is cut from its end (:func:`tasks.base.fit_text`).
     """
     if not isinstance(sample.get("input"), str):
         raise ValueError(f"sample {sample.get('id', '?')!r}: missing field 'input'")
+    choose("history line", history_line, dict.fromkeys(HISTORY_LINES))
     count = token_counter(tokenizer)
     request, cut = _fit_request(sample, tokenizer, max_prompt_tokens)
     if cut:  # the request alone is over budget: no room for history
         return request
-    lines = [_item_line(n, h, review_words) for n, h in enumerate(history, 1)]
-    prompt = _render(sample, lines)
+    lines = [_item_line(n, h, review_words, history_line) for n, h in enumerate(history, 1)]
+    prompt = _render(sample, lines, history_line)
     while lines and count(prompt) > max_prompt_tokens:
         lines.pop()
-        prompt = _render(sample, lines)
+        prompt = _render(sample, lines, history_line)
     return prompt
 
 
@@ -109,13 +123,17 @@ class PersonalWab(Task):
     summary = "PersonalWAB function calling (search, recommend, review)"
     defaults = {"include_history_samples": False, "recommend_history": "category", "user_profiles": False,
                 "history_k": 5, "max_new_tokens": 128, "positive_k": 5, "search_threshold": 0.65,
-                "review_threshold": 0.51, "recommend_in_list": True, "constrained": True, "lora_prompt": "rag"}
+                "review_threshold": 0.51, "recommend_in_list": False, "positive_tries": 1,
+                "positive_temperature": 0.8, "history_line": "title_first", "constrained": True,
+                "lora_prompt": "rag"}
     metrics = tuple(PWAB_METRICS)
     selection_metric = "racc"  # the result: a wrong function scores 0, so it includes FACC
     pair_collector = "tool_calls"
     record_fields = ("type", "target", "timestamp")
     setup_stages = ("train_sasrec",)  # the recommender behind get_recommendations_by_history
     load_options = ("recommend_history", "user_profiles")
+    prompt_options = ("history_line",)
+    history_line = "title_first"  # the default of a task not configured by a stage
     # Small models echo the tool list instead of calling a tool; opening the assistant turn
     # with the call's first key makes every answer a call.
     response_prefix = '{"name": "'
@@ -127,7 +145,7 @@ class PersonalWab(Task):
         return load_pwab(data_dir, include_history_samples=include_history_samples, on_error=on_error, **options)
 
     def prompt(self, sample, history, tokenizer=None, max_prompt_tokens=DEFAULT_MAX_PROMPT_TOKENS) -> str:
-        return build_pwab_prompt(sample, history, tokenizer, max_prompt_tokens)
+        return build_pwab_prompt(sample, history, tokenizer, max_prompt_tokens, history_line=self.history_line)
 
     def input_cut(self, sample, tokenizer=None, max_prompt_tokens=DEFAULT_MAX_PROMPT_TOKENS) -> bool:
         return _fit_request(sample, tokenizer, max_prompt_tokens)[1]

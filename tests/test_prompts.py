@@ -109,9 +109,9 @@ def test_pwab_prompts_are_delegated_to_the_pwab_builder(monkeypatch):
     import tasks.pwab as pwab
 
     calls = []
-    monkeypatch.setattr(pwab, "build_pwab_prompt", lambda *args: calls.append(args) or "PWAB")
+    monkeypatch.setattr(pwab, "build_pwab_prompt", lambda *args, **kw: calls.append((args, kw)) or "PWAB")
     assert build_prompt("pwab", {"input": "x"}, [], None, 77) == "PWAB"
-    assert calls == [({"input": "x"}, [], None, 77)]
+    assert calls == [(({"input": "x"}, [], None, 77), {"history_line": "title_first"})]
 
 
 @pytest.mark.parametrize("text, expected", [

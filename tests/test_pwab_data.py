@@ -4,6 +4,7 @@ tool-call parsing (eval/pwab_tools.py)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 
@@ -125,7 +126,8 @@ def test_prompt_lists_tools_history_request_and_review_product(bench):
     for name in TOOLS:
         assert name in prompt
     assert '"product_sequence": {"type": "array"' in prompt
-    assert "[1] B0KITC0002 | Bodum Chambord French Press Coffee Maker 34 oz | Amazon Home | rated 5/5" in prompt
+    assert "[1] Bodum Chambord French Press Coffee Maker 34 oz | Amazon Home | rated 5/5 | review: " in prompt
+    assert '" (item B0KITC0002)\n[2] ' in prompt  # the asin, which a recommend call lists, ends the line
     assert "[3]" not in prompt and review["input"] in prompt
     assert "Product to review: Lodge Cast Iron Skillet" in prompt
     bare = build_pwab_prompt(review, [])
@@ -135,6 +137,35 @@ def test_prompt_lists_tools_history_request_and_review_product(bench):
     # ... answering a request shown with it, whose words become the search query
     assert 'request "Find me a waterproof bluetooth speaker." -> {"name": "search_product_by_query", ' \
            '"arguments": {"query": "waterproof bluetooth speaker"}}' in bare
+
+
+def test_a_history_line_leads_with_the_title_not_an_identifier(bench):
+    asins = re.compile(r"^B0[A-Z0-9]{8}$")
+    for s in bench.train + bench.test:
+        history = s["history"][:5]
+        lines = [line for line in TASK.prompt(s, history).splitlines() if re.match(r"\[\d+\] ", line)]
+        assert len(lines) == len(history)
+        for line, h in zip(lines, history, strict=True):
+            lead = line.split("] ", 1)[1].split(" | ")[0]
+            assert lead == h["title"] and not asins.match(lead) and h["asin"] not in lead and h["id"] not in lead
+            assert line.endswith(f"(item {h['asin']})")
+
+
+def test_the_asin_first_layout_stays_selectable_through_the_prompt_settings(bench):
+    from stages.collect_pairs import CollectPairsConfig
+    from stages.common import task_of, with_task_defaults
+
+    s = by_id(bench.test)["test-0"]
+    old = task_of(with_task_defaults(CollectPairsConfig(task="pwab", history_line="asin_first")))
+    assert old is not TASK and TASK.history_line == "title_first"  # a configured copy; the shared task unchanged
+    prompt = old.prompt(s, s["history"][:2])
+    assert prompt == build_pwab_prompt(s, s["history"][:2], history_line="asin_first")
+    assert "(asin | title | category | rating | review)" in prompt
+    assert "[1] B0KITC0002 | Bodum Chambord French Press Coffee Maker 34 oz | Amazon Home | rated 5/5" in prompt
+    assert task_of(with_task_defaults(CollectPairsConfig(task="pwab"))).prompt(s, s["history"][:2]) \
+        == TASK.prompt(s, s["history"][:2])
+    with pytest.raises(ValueError, match="unknown history line 'asin_last'"):
+        build_pwab_prompt(s, s["history"][:2], history_line="asin_last")
 
 
 def test_prompt_drops_the_least_relevant_items_to_fit_the_budget(bench, tiny_llama):

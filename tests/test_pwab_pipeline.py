@@ -120,6 +120,22 @@ def test_constrained_tool_calls_give_pairs_vectors_and_steered_calls(pwab_run):
     assert not steered & {r["user_id"] for r in read_jsonl(gen / "fints" / "generations.jsonl") if r["id"] in differs}
 
 
+def test_pair_retrieval_reports_the_same_type_share_of_each_request_type(pwab_run, capsys):
+    from stages import pair_retrieval
+
+    run_dir, _, _ = pwab_run
+    pairs = read_jsonl(run_dir / "pairs" / "pairs.jsonl")
+    assert all(p["type"] in {"search", "recommend", "review"} for p in pairs)  # 03 records the sample's type
+    result = pair_retrieval.run(parse_config(generate.GenerateConfig, ["--config", str(run_dir.parent / "pwab.json"),
+                                                                        "--split", "seen_test"]))
+    assert read_json(run_dir / "pair_retrieval" / "seen_test.json") == result
+    rows = result["by_type"]
+    test = read_jsonl(run_dir / "ranked" / "seen_test.jsonl")
+    assert rows["all"]["requests"] == len(test) and result["n_pairs"] == len(pairs)
+    assert rows["all"]["retrieved"] == sum(r["retrieved"] for k, r in rows.items() if k != "all")
+    assert "| request type | requests |" in capsys.readouterr().out
+
+
 def test_sasrec_fingerprints_its_data_and_a_retrained_sasrec_makes_03_and_05_stale(pwab_run):
     from stages import collect_pairs, train_sasrec
 
