@@ -131,9 +131,11 @@ def generate_records(model, tok, algo: ZeroShot, samples: list[dict], writer: Js
     for group in groups if pending else []:
         deltas = {k: v[group] for k, v in prepared.deltas.items()} if prepared.deltas else None
         with adapters.active(pending[group[0]]["user_id"]) if adapters else nullcontext():
+            # Unsteered prompts compute a shared head once (PersonalWAB's tool list); steered
+            # rows change every position, so generate_batches computes them whole.
             for rows, texts in generate_batches(run_model, tok, [prepared.messages[i] for i in group],
                                                 batch_size=batch_size, deltas=deltas, desc=algo_name,
-                                                **gen_kwargs):
+                                                share_prefix=True, **gen_kwargs):
                 for j, text in zip(rows, texts, strict=True):
                     i = group[j]
                     writer.write(_record(task, algo_name, pending[i], prepared.messages[i], task.postprocess(text)))
