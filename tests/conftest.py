@@ -7,6 +7,7 @@ plain-prompt fallback).  Both are saved to disk and loaded back with
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -167,6 +168,14 @@ def tiny_model(request):
     return request.getfixturevalue(f"tiny_{request.param}")
 
 
+def fixture_generator(folder: str):
+    """The fixture-writing script ``tests/fixtures/<folder>/make_fixture.py``, imported as a module."""
+    spec = importlib.util.spec_from_file_location(f"make_{folder}", FIXTURES / folder / "make_fixture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def needs_real_model():
     return pytest.mark.skipif(not (REAL_MODEL / "config.json").exists(),
                               reason="models/ not built (run scripts/setup.sh)")
@@ -182,7 +191,6 @@ def pytest_collection_modifyitems(config, items):
 def run_stage(module: str, argv: list[str], **kwargs):
     """Run ``stages.<module>`` as its script would, but let errors raise: parse, then run."""
     import dataclasses
-    import importlib
 
     from data_process.config import parse_config
 

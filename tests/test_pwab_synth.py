@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import Counter
 
@@ -11,14 +10,11 @@ import pytest
 from data_process.config import parse_config
 from eval import report
 from tasks.pwab_data import load_pwab
-from tests.conftest import FIXTURES, ROOT
+from tests.conftest import ROOT, fixture_generator
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("make_pwab_synth", FIXTURES / "pwab_synth" / "make_fixture.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return fixture_generator("pwab_synth")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ the property it checks: per-user vectors point the way of their user's rule."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
@@ -15,14 +14,11 @@ from eval.run_report import results_section
 from eval.style import FAMILIES, StyleRule, load_rules
 from tasks import get_task
 from tasks.lamp4 import TASK as LAMP4
-from tests.conftest import CHATML, FIXTURES, _train_tokenizer, run_stage
+from tests.conftest import CHATML, _train_tokenizer, fixture_generator, run_stage
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("make_style", FIXTURES / "style" / "make_fixture.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return fixture_generator("style")
 
 
 @pytest.fixture(scope="module")
