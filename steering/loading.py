@@ -6,6 +6,7 @@ the same way everywhere.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -15,6 +16,11 @@ from steering.layers import find_layers, parse_layout
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+log = logging.getLogger(__name__)
+
+# x86 CPU flags of native half-precision matrix arithmetic (Linux /proc/cpuinfo names).
+HALF_PRECISION_FLAGS = {"amx_bf16", "avx512_bf16", "amx_fp16", "avx512_fp16"}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -31,6 +37,26 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+def slow_half_precision_warning(dtype: torch.dtype, device: torch.device,
+                                cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """Why bf16/fp16 on this CPU is likely slow, or ''.
+
+    On an x86 CPU with bf16 matrix units (AMX, AVX512-BF16) half precision runs 2-3x
+    faster than fp32 (benchmarks/bench_decode.py), which is why the shipped configs ask
+    for it; without them torch emulates it and it runs several times slower.  Only Linux
+    says which CPU this is (``cpuinfo``); elsewhere nothing is claimed.
+    """
+    path = Path(cpuinfo)
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or not path.is_file():
+        return ""
+    flags = {f for line in path.read_text(errors="replace").splitlines() if line.startswith("flags")
+             for f in line.split(":", 1)[1].split()}
+    if not flags or flags & HALF_PRECISION_FLAGS:
+        return ""
+    return (f"{dtype} on a CPU without bf16/fp16 matrix instructions ({', '.join(sorted(HALF_PRECISION_FLAGS))}) "
+            "is emulated and slow: pass --dtype float32 (outputs differ slightly from bf16 runs)")
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
@@ -61,6 +87,9 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
         hf_logging.disable_progress_bar()
     path = _local_dir(path)
     dev = resolve_device(device)
+    warning = slow_half_precision_warning(resolve_dtype(dtype, dev), dev)
+    if warning:
+        log.warning(warning)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev),
                                                  trust_remote_code=trust_remote_code)
     model.to(dev).eval()

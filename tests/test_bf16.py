@@ -100,3 +100,22 @@ def test_bf16_load_model_and_steered_generation_through_the_stage_path(tiny_llam
     zeros = {k: torch.zeros(len(MESSAGES), model.config.hidden_size) for k in ("attn.1", "mlp.1")}
     plain = generate(model, tok, MESSAGES, max_new_tokens=6)
     assert generate(model, tok, MESSAGES, max_new_tokens=6, deltas=zeros, positions="response") == plain
+
+
+def test_half_precision_on_a_cpu_without_bf16_units_is_warned_about_and_never_on_one_with_them(tmp_path):
+    from steering.loading import slow_half_precision_warning
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    old = tmp_path / "old"
+    old.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n")
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")  # no x86 flags: nothing is claimed
+    assert "--dtype float32" in slow_half_precision_warning(torch.bfloat16, cpu, old)
+    assert "--dtype float32" in slow_half_precision_warning(torch.float16, cpu, old)
+    assert slow_half_precision_warning(torch.float32, cpu, old) == ""
+    assert slow_half_precision_warning(torch.bfloat16, cpu, amx) == ""
+    assert slow_half_precision_warning(torch.bfloat16, cpu, arm) == ""
+    assert slow_half_precision_warning(torch.bfloat16, cpu, tmp_path / "missing") == ""
+    assert slow_half_precision_warning(torch.bfloat16, cuda, old) == ""
