@@ -33,6 +33,7 @@ from stages.extract_vectors import run as extract
 from stages.generate import GenerateConfig, gen_dir
 from stages.generate import run as generate
 from stages.report import split_section, write_report
+from stages.workers import ray_session
 from steering.loading import load_model
 
 log = logging.getLogger(__name__)
@@ -132,19 +133,20 @@ def run(cfg: TuneConfig) -> dict[str, Any]:
     model, tok = load_model(cfg.model, cfg.device, cfg.dtype, layers_attr=cfg.layers_attr)
     base = GenerateConfig(**{f.name: getattr(cfg, f.name) for f in fields(GenerateConfig)})
     metric = task.selection_metric
-    grid = _grid(cfg, base, model, tok, metric)
-    chosen = {algo: best(points) for algo, points in grid.items()}
     ranked = stage_dir(cfg.run_dir, "ranked")
     body, tests = [], {}
-    for split in [s for s in cfg.test_splits if (ranked / f"{s}.jsonl").exists()]:
-        runs = {name: gen_dir(replace(base, algo=name, split=split)) for name in ("zeroshot", "rag")}
-        for name in runs:
-            _score(replace(base, algo=name, split=split, eval=False), model, tok)
-        for algo, point in chosen.items():
-            pcfg = _point_cfg(base, point, split, _point_tag(point))
-            tests.setdefault(split, {})[algo] = _score(pcfg, model, tok)["overall"]
-            runs[f"{algo} (tuned)"] = gen_dir(pcfg)
-        body += split_section(cfg, split, runs, unit="user", n_boot=cfg.n_boot, title=f"Test: {split}")
+    with ray_session(cfg):  # every point's stage-05 run on the same Ray
+        grid = _grid(cfg, base, model, tok, metric)
+        chosen = {algo: best(points) for algo, points in grid.items()}
+        for split in [s for s in cfg.test_splits if (ranked / f"{s}.jsonl").exists()]:
+            runs = {name: gen_dir(replace(base, algo=name, split=split)) for name in ("zeroshot", "rag")}
+            for name in runs:
+                _score(replace(base, algo=name, split=split, eval=False), model, tok)
+            for algo, point in chosen.items():
+                pcfg = _point_cfg(base, point, split, _point_tag(point))
+                tests.setdefault(split, {})[algo] = _score(pcfg, model, tok)["overall"]
+                runs[f"{algo} (tuned)"] = gen_dir(pcfg)
+            body += split_section(cfg, split, runs, unit="user", n_boot=cfg.n_boot, title=f"Test: {split}")
     out = stage_dir(cfg.run_dir, "tune")
     result = {"val_split": cfg.val_split, "metric": metric, "chosen": chosen, "test": tests, "points": grid}
     write_json(out / "tune.json", result)

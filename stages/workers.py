@@ -31,6 +31,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -225,6 +226,21 @@ def connect(cfg: WorkersConfig) -> bool:
                         cfg.cpus_per_worker, os.cpu_count())
     ray.init(**kwargs)
     return True
+
+
+@contextmanager
+def ray_session(cfg: WorkersConfig) -> Iterator[None]:
+    """Hold one Ray connection across several stage runs (tune's grid points): each run's
+    ``run_chunks`` then starts only its actors, not a Ray instance (~10 s each).  Nothing
+    happens with ``--workers 1``."""
+    connected = cfg.workers > 1 and connect(cfg)
+    try:
+        yield
+    finally:
+        if connected:
+            import ray
+
+            ray.shutdown()
 
 
 def _check_resources(cfg: WorkersConfig) -> None:

@@ -20,7 +20,7 @@ import pytest
 import ray
 
 from stages import generate
-from stages.workers import Chunk, WorkerFailed, WorkersConfig, connect, shards, user_chunks
+from stages.workers import Chunk, WorkerFailed, WorkersConfig, connect, ray_session, shards, user_chunks
 from tests.conftest import REAL_MODEL, ROOT, run_stage
 from tests.test_pipeline import write_config, write_fixture
 
@@ -113,6 +113,17 @@ def test_dense_ranking_on_two_workers_writes_the_same_files_as_one_process(refer
                                    "--encoder", str(ENCODER), "--samples-per-chunk", "2", "--workers", workers])
         outputs[workers] = {p.name: p.read_bytes() for p in sorted((run / "ranked").glob("*.jsonl"))}
     assert outputs["1"] == outputs["2"] and len(outputs["1"]) >= 3
+
+
+def test_a_ray_session_joins_a_running_ray_and_leaves_it_running(reference, local_ray):
+    # tune holds one session for all its points; inside it a stage joins instead of starting Ray
+    with ray_session(WorkersConfig(workers=2)):
+        rerun(reference, "generate", "--workers", "2")
+        assert ray.is_initialized()
+    assert ray.is_initialized()  # joined, not started: not this session's to stop
+    with ray_session(WorkersConfig(workers=1)):  # one worker: Ray is not touched
+        pass
+    assert ray.is_initialized()
 
 
 def test_personalwab_pairs_on_two_workers_are_the_one_process_pairs(local_ray, tmp_path, tiny_llama_dir):
