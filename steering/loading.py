@@ -45,8 +45,8 @@ def slow_half_precision_warning(dtype: torch.dtype, device: torch.device,
 
     On an x86 CPU with bf16 matrix units (AMX, AVX512-BF16) half precision runs 2-3x
     faster than fp32 (benchmarks/bench_decode.py), which is why the shipped configs ask
-    for it; without them torch emulates it and it runs several times slower.  Only Linux
-    says which CPU this is (``cpuinfo``); elsewhere nothing is claimed.
+    for it; without them torch falls back to kernels that are usually slower than fp32's.
+    Only Linux says which CPU this is (``cpuinfo``); elsewhere nothing is claimed.
     """
     path = Path(cpuinfo)
     if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or not path.is_file():
@@ -56,7 +56,7 @@ def slow_half_precision_warning(dtype: torch.dtype, device: torch.device,
     if not flags or flags & HALF_PRECISION_FLAGS:
         return ""
     return (f"{dtype} on a CPU without bf16/fp16 matrix instructions ({', '.join(sorted(HALF_PRECISION_FLAGS))}) "
-            "is emulated and slow: pass --dtype float32 (outputs differ slightly from bf16 runs)")
+            "runs on slow fallback kernels: pass --dtype float32 (outputs differ slightly from bf16 runs)")
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
@@ -87,10 +87,11 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
         hf_logging.disable_progress_bar()
     path = _local_dir(path)
     dev = resolve_device(device)
-    warning = slow_half_precision_warning(resolve_dtype(dtype, dev), dev)
+    torch_dtype = resolve_dtype(dtype, dev)
+    warning = slow_half_precision_warning(torch_dtype, dev)
     if warning:
         log.warning(warning)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev),
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
                                                  trust_remote_code=trust_remote_code)
     model.to(dev).eval()
     model.requires_grad_(False)
